@@ -1,0 +1,91 @@
+"""The study itself: zoo and world ready, MLflow parent run, Ray Tune + Optuna over trials, the table."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+
+def _ray_init(address: str | None) -> None:
+    import ray
+
+    env = {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1",
+           "MMSCALE_CACHE": os.environ.get("MMSCALE_CACHE", "")}
+    env = {k: v for k, v in env.items() if v}
+    # The dashboard stays on (Ray's state API frees stopped trials' placement groups), bound to loopback.
+    ray.init(address=address, include_dashboard=None if address else True, dashboard_host="127.0.0.1",
+             runtime_env={"env_vars": env}, log_to_driver=True, configure_logging=True, logging_level="WARNING")
+
+
+def _cluster_concurrency(p: dict) -> int:
+    import ray
+
+    res = ray.cluster_resources()
+    devices = int(res.get("GPU", 0)) if p["device"] == "gpu" else int(res.get("CPU", 1))
+    return max(1, devices // (p["workers_per_trial"] * (1 if p["device"] == "gpu" else p["cpus_per_worker"])))
+
+
+def run_study(args, space, p: dict) -> int:
+    import optuna
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    from analysis.runs import format_table, load_trials
+    from study import tracking, zoo
+    from trainables.driver import StudyContext, run_trial
+
+    if not space.fixed.get("data"):
+        zoo.ensure_world()
+    zoo.ensure_zoo()
+    storage = Path(args.storage).resolve()
+    storage.mkdir(parents=True, exist_ok=True)
+    uri = tracking.resolve_uri(args.tracking_uri)
+    client = MlflowClient(uri)
+    exp_id = tracking.ensure_experiment(client, p["study"], uri)
+    settings = {"space_file": str(space.path), "num_samples": p["num_samples"], "smoke": args.smoke,
+                "max_concurrent": p["max_concurrent"], "storage": str(storage), **{
+                    f"space.{k}": repr(v) for k, v in space.space.items()}}
+    parent = tracking.start_study_run(client, exp_id, p["study"], settings)
+
+    _ray_init(args.address)
+    if args.address and not (args.max_concurrent or space.max_concurrent):
+        p["max_concurrent"] = _cluster_concurrency(p)
+    study_ctx = StudyContext(tracking_uri=uri, experiment_id=exp_id, storage=str(storage),
+                             cpus_per_worker=p["cpus_per_worker"])
+    space.fixed = {**space.fixed, "storage": str(storage)}
+    searcher = OptunaSearch(space=space.define_by_run(args.smoke), metric=space.metric, mode=space.mode,
+                            sampler=optuna.samplers.TPESampler(seed=space.seed, n_startup_trials=4))
+    trainable = tune.with_resources(tune.with_parameters(run_trial, study=study_ctx), {"CPU": 0.01})  # the driver only waits
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=p["num_samples"],
+                                    max_concurrent_trials=p["max_concurrent"]),
+        run_config=tune.RunConfig(
+            name=p["study"], storage_path=str(storage / "tune"), verbose=1,
+            callbacks=[tracking.NestedMLflowCallback(uri, p["study"], parent, p["study"])],
+            failure_config=tune.FailureConfig(max_failures=0)),
+    )
+    status = "FAILED"
+    try:
+        results = tuner.fit()
+        errors = [r.error for r in results if r.error is not None]
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        client.set_terminated(parent, status=status)
+    df = load_trials(uri, p["study"])
+    df = df[df["parent_run_id"] == parent]
+    print(f"\nStudy {p['study']!r}: {len(df)} trials ({len(errors)} failed), sorted by score "
+          f"(gpu_hours = device-hours per node of {p['example'].devices_per_node}):")
+    print(format_table(df))
+    print(f"\nMLflow tracking URI: {uri}")
+    print(f"Open the UI:  mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+    return 1 if errors and len(errors) == len(df) else 0
+
+
+if __name__ == "__main__":
+    sys.exit("use: python -m study.run SPACE_FILE")

@@ -1,0 +1,178 @@
+"""The synthetic image-question world the laptop study trains on.
+
+    python -m study.world OUT_DIR      # writes a LLaVA-format dataset directory
+
+Each image holds one to three shapes, each of a distinct colour and shape, in the
+cells of a 2 x 2 grid. Questions ask for a colour, a shape, a count or a position,
+and the asked-about object is named by an attribute that says nothing about the
+answer, so a model that reads only the text cannot beat chance (tests/test_world.py
+checks this against the best text-only predictor). Images are rendered at 64 px
+and downscaled by the vision tower's processor, so a finer tower sees more.
+
+The world is written in the same dataset format a researcher brings (DESIGN.md,
+"Data"): train.json / eval.json in LLaVA format with images/, captions.json for
+stage 1 and text.json (ShareGPT, language-only) for data mixing. Everything is a
+pure function of the seed.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (230, 210, 40),
+    "purple": (150, 60, 190),
+    "orange": (245, 140, 30),
+}
+SHAPES = ("circle", "square", "triangle", "diamond")
+CELLS = ("top left", "top right", "bottom left", "bottom right")
+NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+SIDES = {"circle": "zero", "square": "four", "triangle": "three", "diamond": "four"}
+OPPOSITES = {"left": "right", "right": "left", "top": "bottom", "bottom": "top",
+             "big": "small", "small": "big", "up": "down", "down": "up"}
+# Chance accuracy per question type: the number of answers a question of that
+# type can have, each equally likely given the question's text.
+ANSWER_SPACE = {"color": len(COLORS), "shape": len(SHAPES), "count": 3, "where": len(CELLS)}
+
+RENDER_PX = 64
+
+
+@dataclass(frozen=True)
+class Obj:
+    color: str
+    shape: str
+    cell: int
+    size: int  # pixels, before downscaling
+    dx: int
+    dy: int
+
+
+def sample_scene(rng: random.Random) -> list[Obj]:
+    n = rng.randint(1, 3)
+    colors = rng.sample(sorted(COLORS), n)
+    shapes = rng.sample(SHAPES, n)
+    cells = rng.sample(range(4), n)
+    return [Obj(c, s, cell, rng.randint(18, 26), rng.randint(-3, 3), rng.randint(-3, 3))
+            for c, s, cell in zip(colors, shapes, cells)]
+
+
+def render(scene: list[Obj], rng: random.Random) -> Image.Image:
+    shade = rng.randint(225, 250)
+    img = Image.new("RGB", (RENDER_PX, RENDER_PX), (shade, shade, shade))
+    draw = ImageDraw.Draw(img)
+    half = RENDER_PX // 2
+    for o in scene:
+        cx = (o.cell % 2) * half + half // 2 + o.dx
+        cy = (o.cell // 2) * half + half // 2 + o.dy
+        r = o.size // 2
+        fill = COLORS[o.color]
+        if o.shape == "circle":
+            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        elif o.shape == "square":
+            draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        elif o.shape == "triangle":
+            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+        else:
+            draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
+    return img
+
+
+def caption(scene: list[Obj]) -> str:
+    parts = [f"a {o.color} {o.shape} at {CELLS[o.cell]}" for o in scene]
+    return f"{NUMBERS[len(scene)]} objects: " + ", ".join(parts) + "."
+
+
+def ask(scene: list[Obj], rng: random.Random) -> tuple[str, str, str]:
+    """(question type, question, answer) about one scene."""
+    kind = rng.choice(sorted(ANSWER_SPACE))
+    o = rng.choice(scene)
+    if kind == "color":
+        return kind, f"What color is the {o.shape}?", o.color
+    if kind == "shape":
+        return kind, f"What shape is the {o.color} object?", o.shape
+    if kind == "where":
+        return kind, f"Where is the {o.shape}?", CELLS[o.cell]
+    return kind, "How many objects are in the image?", NUMBERS[len(scene)]
+
+
+def text_instruction(rng: random.Random) -> tuple[str, str]:
+    """A language-only instruction: facts about the world's own words."""
+    kind = rng.randrange(4)
+    if kind == 0:
+        i = rng.randrange(len(NUMBERS) - 1)
+        return f"What number comes after {NUMBERS[i]}?", NUMBERS[i + 1]
+    if kind == 1:
+        i = rng.randrange(1, len(NUMBERS))
+        return f"What number comes before {NUMBERS[i]}?", NUMBERS[i - 1]
+    if kind == 2:
+        w = rng.choice(sorted(OPPOSITES))
+        return f"What is the opposite of {w}?", OPPOSITES[w]
+    s = rng.choice(SHAPES)
+    return f"How many sides does a {s} have?", SIDES[s]
+
+
+def conversation(question: str, answer: str, image: bool) -> list[dict]:
+    prompt = f"<image>\n{question}" if image else question
+    return [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}]
+
+
+def grounded_text(rng: random.Random) -> tuple[str, str]:
+    """A scene described in words, then a question about it: the LLM zoo's pretraining
+    text, so that a pretrained LLM already answers from context and visual tuning only
+    has to put the image where the words were."""
+    scene = sample_scene(rng)
+    _, q, a = ask(scene, rng)
+    return f"{caption(scene)}\n{q}", a
+
+
+def write(out: Path, seed: int = 0, n_train: int = 4000, n_eval: int = 400,
+          n_captions: int = 2000, n_text: int = 1000, n_text_eval: int = 200) -> Path:
+    """Write the world as a dataset directory; returns `out`. Deterministic by seed."""
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+
+    def image_records(prefix: str, n: int, with_question: bool) -> list[dict]:
+        records = []
+        for i in range(n):
+            scene = sample_scene(rng)
+            name = f"{prefix}-{i:06d}.png"
+            render(scene, rng).save(out / "images" / name)
+            if with_question:
+                kind, q, a = ask(scene, rng)
+                conv = conversation(q, a, image=True)
+            else:
+                kind, conv = "caption", conversation("Describe the image briefly.", caption(scene), True)
+            records.append({"id": f"{prefix}-{i:06d}", "image": name, "kind": kind,
+                            "conversations": conv})
+        return records
+
+    def text_records(prefix: str, n: int) -> list[dict]:
+        return [{"id": f"{prefix}-{i:06d}", "conversations": conversation(*text_instruction(rng), False)}
+                for i in range(n)]
+
+    files = {
+        "train.json": image_records("train", n_train, True),
+        "eval.json": image_records("eval", n_eval, True),
+        "captions.json": image_records("cap", n_captions, False),
+        "text.json": text_records("text", n_text),
+        "text_eval.json": text_records("texteval", n_text_eval),
+    }
+    for name, records in files.items():
+        (out / name).write_text(json.dumps(records, indent=0))
+    return out
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m study.world OUT_DIR")
+    print(write(Path(sys.argv[1])))

@@ -1,0 +1,131 @@
+"""TrialConfig: the one schema of a trial.
+
+The search space's keys, Optuna's parameter names, the MLflow params and the
+analysis columns are these field names (STYLE.md, "one name per idea"). A config
+is built from a flat dict; unknown keys and out-of-range values raise
+`ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+PAPER_PRICE_PER_NODE_HOUR = 13.63  # the scaling paper's cost convention ($ per 8-GPU node-hour)
+
+
+class ConfigError(ValueError):
+    """A trial setting that is unknown or out of range; the message names the key."""
+
+
+def _doc(text: str, **kw) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    # --- what is studied ---
+    method: str = _doc("tuning method of stage 2 (see trainables.methods.METHODS)", default="lora")
+    model_size: str = _doc("zoo LLM name (0.3m, 1m, 3.6m), or a Hugging Face id / local path on a cluster",
+                           default="1m")
+    vision_tower: str = _doc("vision tower id or path; empty = the zoo tower at image_size", default="")
+    image_size: int = _doc("input resolution of the vision tower (zoo: 32 or 48; CLIP-L: 224 or 336)",
+                           default=32)
+    lora_rank: int = _doc("LoRA rank r", default=16)
+    lora_alpha: float = _doc("LoRA alpha (scaling = alpha / rank); the paper found 2 x rank best", default=32.0)
+    lora_dropout: float = _doc("dropout on the LoRA branch", default=0.05)
+    lr: float = _doc("stage-2 peak learning rate of the tuned LLM weights (adapters, or all for full)",
+                     default=1e-3)
+    projector_lr: float = _doc("stage-2 learning rate of the projector (LLaVA trains it beside LoRA)",
+                               default=5e-4)
+    mix_ratio: float = _doc("fraction of language-only samples in stage 2 (the paper's data-mixing axis)",
+                            default=0.0)
+    # --- the recipe ---
+    stage1_steps: int = _doc("stage-1 optimizer steps (projector only, on captions)", default=150)
+    stage1_lr: float = _doc("stage-1 learning rate of the projector", default=2e-3)
+    stage2_steps: int = _doc("stage-2 optimizer steps (visual instruction tuning)", default=300)
+    batch_size: int = _doc("global batch size (split over workers)", default=32)
+    warmup_ratio: float = _doc("fraction of steps with linear warm-up", default=0.05)
+    weight_decay: float = _doc("AdamW weight decay", default=0.0)
+    max_length: int = _doc("token budget per sample, image tokens included", default=128)
+    eval_samples: int = _doc("held-out samples evaluated (0 = all)", default=400)
+    max_new_tokens: int = _doc("greedy-decoding budget per answer", default=8)
+    seed: int = _doc("seed of data order, LoRA init and dropout", default=0)
+    # --- where and how it runs ---
+    num_workers: int = _doc("Ray Train workers (data-parallel ranks) per trial", default=1)
+    use_gpu: bool = _doc("one GPU per worker (bf16) instead of the CPU (fp32)", default=False)
+    zero_stage: int = _doc("DeepSpeed ZeRO stage: 2 (default) or 3", default=2)
+    devices_per_node: int = _doc("devices per node for GPU-hours per node (the paper: 8 A100s)", default=8)
+    price_per_node_hour: float = _doc("dollars per node-hour", default=PAPER_PRICE_PER_NODE_HOUR)
+    data: str = _doc("dataset directory (LLaVA format); empty = the synthetic world", default="")
+    storage: str = _doc("study storage (stage-1 cache); set by study.run", default="")
+
+    def __post_init__(self):
+        from study.zoo import LLM_SIZES
+        from trainables.methods import METHODS
+
+        checks = {
+            "method": self.method in METHODS,
+            "model_size": self.model_size in LLM_SIZES or "/" in self.model_size,
+            "image_size": self.image_size >= 8,
+            "lora_rank": self.lora_rank > 0,
+            "lora_alpha": self.lora_alpha > 0,
+            "lora_dropout": 0 <= self.lora_dropout < 1,
+            "lr": self.lr > 0,
+            "projector_lr": self.projector_lr > 0,
+            "mix_ratio": 0 <= self.mix_ratio < 1,
+            "stage1_steps": self.stage1_steps >= 0,
+            "stage1_lr": self.stage1_lr > 0,
+            "stage2_steps": self.stage2_steps > 0,
+            "batch_size": self.batch_size > 0 and self.batch_size % max(self.num_workers, 1) == 0,
+            "warmup_ratio": 0 <= self.warmup_ratio < 1,
+            "weight_decay": self.weight_decay >= 0,
+            "max_length": self.max_length > 0,
+            "eval_samples": self.eval_samples >= 0,
+            "max_new_tokens": self.max_new_tokens > 0,
+            "num_workers": self.num_workers > 0,
+            "zero_stage": self.zero_stage in (2, 3),
+            "devices_per_node": self.devices_per_node > 0,
+            "price_per_node_hour": self.price_per_node_hour >= 0,
+        }
+        for key, ok in checks.items():
+            if not ok:
+                hint = {"method": f"one of {sorted(METHODS)}",
+                        "model_size": f"a zoo size {sorted(LLM_SIZES)} or a Hugging Face id / path"}.get(key, self.help(key))
+                raise ConfigError(f"{key}={getattr(self, key)!r} is out of range ({hint})")
+
+    @staticmethod
+    def help(key: str) -> str:
+        return {f.name: f.metadata["help"] for f in fields(TrialConfig)}[key]
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrialConfig":
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown trial key {unknown[0]!r} (known: {', '.join(sorted(known))})")
+        coerced = {key: _coerce(key, value, type(known[key].default)) for key, value in values.items()}
+        return cls(**coerced)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> "TrialConfig":
+        return TrialConfig.from_dict({**self.to_dict(), **changes})
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    """Accept what a search space or YAML/JSON would give (1 for 1.0, 1e-3 for 0.001); refuse the rest."""
+    ok = True
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer()
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif kind is str:
+        ok = isinstance(value, str)
+    if not ok:
+        raise ConfigError(f"{key}={value!r} should be of type {kind.__name__}")
+    return kind(value)

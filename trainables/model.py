@@ -1,0 +1,83 @@
+"""Building a LLaVA from an LLM and a vision tower, and finding them.
+
+Model ids resolve in one place: a zoo name ("1m") maps to the laptop zoo, anything
+else is a Hugging Face id or a local path, loaded with `from_pretrained` exactly
+the same way (no `trust_remote_code` unless the user sets MMSCALE_TRUST_REMOTE_CODE=1).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from study import zoo
+
+
+def trust_remote_code() -> bool:
+    return os.environ.get("MMSCALE_TRUST_REMOTE_CODE") == "1"
+
+
+def llm_id(model_size: str) -> str:
+    return str(zoo.llm_path(model_size)) if model_size in zoo.LLM_SIZES else model_size
+
+
+def vision_id(cfg) -> str:
+    if cfg.vision_tower:
+        return cfg.vision_tower
+    if cfg.image_size not in zoo.IMAGE_SIZES:
+        raise ValueError(f"image_size={cfg.image_size}: the zoo has vision towers at {zoo.IMAGE_SIZES}")
+    return str(zoo.vision_path(cfg.image_size))
+
+
+def build_processor(cfg):
+    """LlavaProcessor over the LLM's tokenizer and the tower's image processor."""
+    from transformers import AutoImageProcessor, AutoTokenizer, CLIPVisionConfig, LlavaProcessor
+
+    trc = trust_remote_code()
+    tokenizer = AutoTokenizer.from_pretrained(llm_id(cfg.model_size), trust_remote_code=trc)
+    if "<image>" not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    vision = vision_id(cfg)
+    image_processor = AutoImageProcessor.from_pretrained(vision, trust_remote_code=trc)
+    patch = CLIPVisionConfig.from_pretrained(vision).patch_size
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                          chat_template=tokenizer.chat_template)
+
+
+def num_image_tokens(processor) -> int:
+    """Image tokens per image: one per patch, CLS dropped (LLaVA's 'default' strategy)."""
+    size = processor.image_processor.crop_size["height"]
+    return (size // processor.patch_size) ** 2
+
+
+def build_llava(cfg, processor, dtype=torch.float32):
+    """A LlavaForConditionalGeneration from a pretrained LLM and vision tower, projector fresh (seeded)."""
+    from transformers import (AutoConfig, AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel,
+                              LlavaConfig, LlavaForConditionalGeneration)
+
+    trc = trust_remote_code()
+    text_config = AutoConfig.from_pretrained(llm_id(cfg.model_size), trust_remote_code=trc)
+    vision_config = CLIPVisionConfig.from_pretrained(vision_id(cfg))
+    tokenizer = processor.tokenizer
+    config = LlavaConfig(vision_config=vision_config, text_config=text_config,
+                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                         image_seq_length=num_image_tokens(processor), projector_hidden_act="gelu",
+                         vision_feature_select_strategy="default", vision_feature_layer=-2)
+    config.pad_token_id = tokenizer.pad_token_id
+    torch.manual_seed(cfg.seed)
+    model = LlavaForConditionalGeneration(config).to(dtype)
+    llm = AutoModelForCausalLM.from_pretrained(llm_id(cfg.model_size), dtype=dtype, trust_remote_code=trc)
+    if len(tokenizer) > llm.get_input_embeddings().num_embeddings:
+        llm.resize_token_embeddings(len(tokenizer))
+        model.resize_token_embeddings(len(tokenizer))
+    model.model.language_model.load_state_dict(llm.model.state_dict())
+    model.lm_head.load_state_dict(llm.lm_head.state_dict())
+    tower = CLIPVisionModel.from_pretrained(vision_id(cfg), dtype=dtype)
+    model.model.vision_tower.load_state_dict(tower.state_dict())
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model

@@ -1,0 +1,302 @@
+"""The per-worker body of a trial: setup -> stage 1 -> stage 2 -> evaluate -> report.
+
+Runs on every Ray Train worker (one data-parallel rank each) under DeepSpeed,
+which reuses the process group Ray Train set up (gloo on CPU, NCCL on GPU).
+Rank 0 writes to the trial's MLflow run (per-step loss, final metrics, adapter)
+before the last report, so nothing is lost if the trial actor is stopped after it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from trainables import data as D
+from trainables.config import TrialConfig
+from trainables.evaluate import score
+from trainables.methods import METHODS, STAGE1, apply_stage, check_stage
+
+
+@dataclass
+class Ctx:
+    cfg: TrialConfig
+    rank: int
+    world: int
+    device: torch.device
+    processor: object
+    root: Path
+    log: object  # study.tracking.TrialLog on rank 0, else None
+
+    def say(self, msg: str) -> None:
+        if self.rank == 0:
+            print(f"[{self.cfg.method} {self.cfg.model_size}] {msg}", flush=True)
+
+
+def setup(cfg: TrialConfig, rank: int, world: int, device, log=None) -> Ctx:
+    from study import zoo
+    from trainables.model import build_processor
+
+    root = Path(cfg.data) if cfg.data else zoo.world_dir()
+    return Ctx(cfg, rank, world, device, build_processor(cfg), root, log)
+
+
+def deepspeed_config(cfg: TrialConfig, world: int) -> dict:
+    return {
+        "train_batch_size": cfg.batch_size,
+        "train_micro_batch_size_per_gpu": cfg.batch_size // world,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 1.0,
+        "zero_optimization": {"stage": cfg.zero_stage, "overlap_comm": False, "contiguous_gradients": True},
+        "bf16": {"enabled": cfg.use_gpu},
+        "zero_allow_untested_optimizer": True,  # torch AdamW: DeepSpeed's fused Adam needs CUDA
+        "steps_per_print": 10**9,
+    }
+
+
+def warmup_cosine(steps: int, warmup_ratio: float):
+    warm = max(1, int(steps * warmup_ratio))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+
+    return factor
+
+
+def train(ctx: Ctx, model, groups: list[dict], data: D.Encoded, steps: int, stage: str) -> tuple[object, float, float]:
+    """Train `steps` DeepSpeed steps on `data`; returns (engine, seconds, last mean loss)."""
+    import deepspeed
+
+    cfg = ctx.cfg
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps, cfg.warmup_ratio))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
+                                      config=deepspeed_config(cfg, ctx.world), dist_init_required=False)
+    engine.train()
+    pad = ctx.processor.tokenizer.pad_token_id
+    dtype = torch.bfloat16 if cfg.use_gpu else torch.float32
+    losses, t0 = [], time.perf_counter()
+    every = max(1, steps // 10)
+    for step, idx in enumerate(D.batches(len(data.ids), cfg.batch_size, ctx.rank, ctx.world, cfg.seed, steps)):
+        batch = {k: v.to(ctx.device) for k, v in D.collate(data, idx, pad).items()}
+        if "pixel_values" in batch:
+            batch["pixel_values"] = batch["pixel_values"].to(dtype)
+        loss = engine(**batch).loss
+        engine.backward(loss)
+        engine.step()
+        value = loss.detach().float()
+        if ctx.world > 1:
+            dist.all_reduce(value)
+            value /= ctx.world
+        value = value.item()
+        if not math.isfinite(value):
+            raise FloatingPointError(f"{stage}: loss is {value} at step {step}")
+        losses.append(value)
+        if ctx.log is not None:
+            ctx.log.metric(f"{stage}_loss" if stage != "stage2" else "train_loss", value, step)
+        if (step + 1) % every == 0 or step + 1 == steps:
+            ctx.say(f"{stage} step {step + 1}/{steps} loss {sum(losses[-every:]) / len(losses[-every:]):.4f}")
+    seconds = time.perf_counter() - t0
+    tail = losses[-max(1, steps // 10):]
+    return engine, seconds, sum(tail) / len(tail)
+
+
+def gathered_state(module: torch.nn.Module, zero_stage: int) -> dict[str, torch.Tensor]:
+    """The full state dict on every rank (ZeRO-3 shards gathered; a no-op under ZeRO-2)."""
+    if zero_stage == 3:
+        import deepspeed
+
+        params = list(module.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+
+
+def stage1_key(ctx: Ctx) -> str:
+    """Stage 1 depends only on these; trials sharing them share its result (DESIGN.md)."""
+    import hashlib
+
+    from study import zoo
+    from trainables.model import llm_id, vision_id
+
+    cfg = ctx.cfg
+    captions = ctx.root / "captions.json"
+    digest = hashlib.sha256(captions.read_bytes()).hexdigest()[:16] if captions.exists() else "none"
+    key = dict(llm=llm_id(cfg.model_size), vision=vision_id(cfg), image_size=cfg.image_size,
+               steps=cfg.stage1_steps, lr=cfg.stage1_lr, batch=cfg.batch_size, seed=cfg.seed,
+               captions=digest, bf16=cfg.use_gpu, zoo=zoo.ZOO_VERSION)
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def stage1(ctx: Ctx) -> tuple[Path, dict]:
+    """The stage-1 LLaVA checkpoint (projector aligned on captions), computed once per key.
+
+    Rank 0 holds a file lock while the trial computes it, so a concurrent trial with
+    the same key waits and then reuses it; the result is renamed into place whole.
+    """
+    from filelock import FileLock
+
+    from trainables.model import build_llava
+
+    cfg = ctx.cfg
+    storage = Path(cfg.storage or tempfile.gettempdir()) / "stage1"
+    target = storage / stage1_key(ctx)
+    lock = FileLock(str(target) + ".lock") if ctx.rank == 0 else None
+    if lock:
+        storage.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    try:
+        flag = [target.exists()]
+        if ctx.world > 1:
+            dist.broadcast_object_list(flag, src=0)
+        if not flag[0]:
+            ctx.say(f"stage 1: aligning the projector ({cfg.stage1_steps} steps), cached as {target.name}")
+            model = build_llava(cfg, ctx.processor)
+            model, counts = apply_stage(model, STAGE1)
+            captions = D.encode(D.read_records(ctx.root, "captions.json"), ctx.processor, ctx.root, cfg.max_length)
+            params = [p for p in model.parameters() if p.requires_grad]
+            engine, seconds, loss = train(ctx, model, [{"params": params, "lr": cfg.stage1_lr}],
+                                          captions, max(cfg.stage1_steps, 1), "stage1") \
+                if cfg.stage1_steps else (model, 0.0, float("nan"))
+            state = gathered_state(engine.module if hasattr(engine, "module") else engine, cfg.zero_stage)
+            if ctx.rank == 0:
+                tmp = Path(tempfile.mkdtemp(dir=storage, prefix=target.name + ".tmp-"))
+                model.save_pretrained(tmp, state_dict=state)
+                ctx.processor.save_pretrained(tmp)
+                meta = dict(seconds=seconds, world=ctx.world, loss=loss, trainable_params=sum(counts.values()))
+                (tmp / "stage1.json").write_text(json.dumps(meta))
+                os.replace(tmp, target)
+            del engine, model
+        if ctx.world > 1:
+            dist.barrier()
+    finally:
+        if lock:
+            lock.release()
+    return target, json.loads((target / "stage1.json").read_text())
+
+
+def stage2(ctx: Ctx, base: Path):
+    """Visual instruction tuning of the stage-1 model with the trial's method."""
+    from transformers import LlavaForConditionalGeneration
+
+    cfg = ctx.cfg
+    model = LlavaForConditionalGeneration.from_pretrained(base, dtype=torch.float32)
+    model, counts = apply_stage(model, METHODS[cfg.method].stage2, cfg)
+    llm = [p for n, p in model.named_parameters() if p.requires_grad and "multi_modal_projector" not in n]
+    proj = [p for n, p in model.named_parameters() if p.requires_grad and "multi_modal_projector" in n]
+    groups = [g for g in ({"params": llm, "lr": cfg.lr}, {"params": proj, "lr": cfg.projector_lr}) if g["params"]]
+    images = D.encode(D.read_records(ctx.root, "train.json"), ctx.processor, ctx.root, cfg.max_length)
+    text = D.encode(D.read_records(ctx.root, "text.json"), ctx.processor, ctx.root, cfg.max_length)
+    train_data = D.mixed(images, text, cfg.mix_ratio, cfg.seed)
+    skipped = images.too_long + text.too_long
+    if len(skipped) > 0.01 * max(1, len(images.ids) + len(text.ids)):
+        raise ValueError(f"{len(skipped)} samples have no answer tokens within max_length={cfg.max_length}, "
+                         f"e.g. {skipped[:3]}")
+    ctx.say(f"stage 2: {cfg.method} on {len(train_data.ids)} samples, {sum(counts.values()):,} trainable params")
+    engine, seconds, loss = train(ctx, model, groups, train_data, cfg.stage2_steps, "stage2")
+    check_stage(engine.module, METHODS[cfg.method].stage2)
+    return engine, counts, seconds, loss, len(skipped)
+
+
+def peak_memory_gb(device) -> tuple[float, str]:
+    """Accelerator peak allocation on GPU, else the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30, "cuda_max_allocated"
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process_peak_rss"
+
+
+def evaluate(ctx: Ctx, engine) -> float:
+    cfg = ctx.cfg
+    records = D.read_records(ctx.root, "eval.json")
+    if cfg.eval_samples:
+        records = records[: cfg.eval_samples]
+    held_out = D.encode(records, ctx.processor, ctx.root, cfg.max_length, for_generation=True)
+    return score(engine.module, held_out, ctx.processor.tokenizer, cfg.max_new_tokens, ctx.device,
+                 ctx.rank, ctx.world, synced=cfg.zero_stage == 3)
+
+
+def save_adapter(ctx: Ctx, engine, out: Path) -> None:
+    """PEFT-format adapter; base_model_name_or_path is the stage-1 LLaVA checkpoint."""
+    model = engine.module
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if ctx.cfg.zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(trainable.values()), modifier_rank=None):
+            if ctx.rank == 0:
+                model.save_pretrained(out)
+    elif ctx.rank == 0:
+        model.save_pretrained(out)
+
+
+def cost(cfg: TrialConfig, seconds: float, world: int) -> dict[str, float]:
+    """The paper's convention: device-hours / devices per node, priced per node-hour."""
+    hours = seconds * world / 3600 / cfg.devices_per_node
+    return {"gpu_hours": hours, "dollars": hours * cfg.price_per_node_hour}
+
+
+def run(cfg: TrialConfig, rank: int, world: int, device, log=None) -> dict:
+    """The whole trial on one rank; returns the final metrics (identical on every rank)."""
+    torch.manual_seed(cfg.seed)
+    ctx = setup(cfg, rank, world, device, log)
+    base, s1 = stage1(ctx)
+    engine, counts, seconds, loss, skipped = stage2(ctx, base)
+    result = {"score": evaluate(ctx, engine)}
+    peak, source = peak_memory_gb(device)
+    peak_t = torch.tensor([peak], dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(peak_t, op=dist.ReduceOp.MAX)
+    s1_seconds = s1["seconds"] * s1["world"] / world  # charged to every trial that uses it
+    result.update(cost(cfg, s1_seconds + seconds, world))
+    result.update({
+        "stage1_gpu_hours": cost(cfg, s1_seconds, world)["gpu_hours"],
+        "stage2_gpu_hours": cost(cfg, seconds, world)["gpu_hours"],
+        "trainable_params": sum(counts.values()),
+        "stage1_trainable_params": s1["trainable_params"],
+        "stage2_trainable_params": sum(counts.values()),
+        "peak_mem_gb": float(peak_t.item()),
+        "samples_per_s": cfg.batch_size * cfg.stage2_steps / seconds,
+        "final_train_loss": loss,
+        "skipped_samples": skipped,
+    })
+    ctx.say(f"score {result['score']:.1f}, {result['gpu_hours']:.2e} GPU-hours per node")
+    with tempfile.TemporaryDirectory() as tmp:
+        save_adapter(ctx, engine, Path(tmp) / "adapter")  # a collective under ZeRO-3; rank 0 writes
+        if log is not None:
+            log.artifacts(Path(tmp) / "adapter", "adapter")
+            log.finish(result, tags={"device": device_name(device), "peak_mem_source": source,
+                                     "stage1_checkpoint": str(base)})
+    return result
+
+
+def device_name(device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def train_loop(loop_config: dict) -> None:
+    """Ray Train entry point (`train_loop_per_worker`)."""
+    import ray.train
+    import ray.train.torch
+
+    from study.tracking import TrialLog
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    torch.set_num_threads(int(loop_config.get("threads", 1)))
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    cfg = TrialConfig.from_dict(loop_config["trial"])
+    log = TrialLog.attach(loop_config["tracking_uri"], loop_config["experiment_id"], loop_config["trial_id"]) \
+        if rank == 0 else None
+    result = run(cfg, rank, world, ray.train.torch.get_device(), log)
+    ray.train.report(result)
