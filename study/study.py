@@ -57,7 +57,8 @@ def run_study(args, space, p: dict) -> int:
     space.fixed = {**space.fixed, "storage": str(storage)}
     searcher = OptunaSearch(space=space.define_by_run(args.smoke), metric=space.metric, mode=space.mode,
                             sampler=optuna.samplers.TPESampler(seed=space.seed, n_startup_trials=4))
-    trainable = tune.with_resources(tune.with_parameters(run_trial, study=study_ctx), {"CPU": 0.01})  # the driver only waits
+    trainable = tune.with_resources(tune.with_parameters(run_trial, study=study_ctx), {"CPU": 0, "memory": 256 * 2**20})
+    # ^ the trial's driver only waits on its TorchTrainer: no CPU, so the workers can have them all
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, num_samples=p["num_samples"],

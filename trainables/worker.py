@@ -276,7 +276,7 @@ def run(cfg: TrialConfig, rank: int, world: int, device, log=None) -> dict:
         if log is not None:
             log.artifacts(Path(tmp) / "adapter", "adapter")
             log.finish(result, tags={"device": device_name(device), "peak_mem_source": source,
-                                     "stage1_checkpoint": str(base)})
+                                     "stage1_checkpoint": str(base), "world_size": world})
     return result
 
 

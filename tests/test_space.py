@@ -1,0 +1,51 @@
+"""Every search-space file loads and samples into valid TrialConfigs; bad files are refused by name."""
+
+from pathlib import Path
+
+import pytest
+
+from study import space as spaces
+from trainables.config import TrialConfig
+
+SPACE_FILES = sorted((Path(__file__).parent.parent / "search_spaces").glob("[!_]*.py"))
+
+
+@pytest.mark.parametrize("path", SPACE_FILES, ids=lambda p: p.name)
+def test_space_file_loads_and_samples(path):
+    space = spaces.load(path)
+    for seed in range(5):
+        for smoke in (False, True):
+            cfg = space.sample(seed=seed, smoke=smoke)
+            assert isinstance(cfg, TrialConfig)
+            for key in space.space:
+                assert key in cfg.to_dict()
+
+
+def test_alpha_as_multiple_of_rank(tmp_path):
+    f = tmp_path / "s.py"
+    f.write_text("from study.space import choice, times_rank\n"
+                 "SPACE = {'lora_rank': choice([8, 64]), 'lora_alpha': times_rank([2])}\n")
+    for seed in range(4):
+        cfg = spaces.load(f).sample(seed=seed)
+        assert cfg.lora_alpha == 2 * cfg.lora_rank
+
+
+@pytest.mark.parametrize("body, culprit", [
+    ("SPACE = {'lora_rnak': choice([8])}", "lora_rnak"),
+    ("SPACE = {'lora_rank': choice([0, 8])}", "lora_rank"),
+    ("SPACE = {'lr': loguniform(0, 1e-3)}", "lr"),
+    ("SPACE = {'lr': uniform(-1.0, 1e-3)}", "lr"),
+    ("SPACE = {'model_size': choice(['1m', '65b'])}", "model_size"),
+    ("SPACE = {'lora_alpha': times_rank([0])}", "lora_alpha"),
+    ("SPACE = {}\nFIXED = {'method': 'dora'}", "method"),
+    ("SPACE = {}\nNUM_SAMPELS = 3", "NUM_SAMPELS"),
+    ("FIXED = {}", "SPACE"),
+    ("SPACE = {'lr': 1e-3}", "lr"),
+    ("SPACE = {'lr': (", "does not parse"),
+])
+def test_bad_space_files_name_the_key(tmp_path, body, culprit):
+    f = tmp_path / "bad.py"
+    f.write_text("from study.space import choice, loguniform, uniform, times_rank\n" + body + "\n")
+    with pytest.raises(spaces.SpaceError, match=culprit) as e:
+        spaces.load(f)
+    assert str(f) in str(e.value)

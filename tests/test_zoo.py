@@ -1,0 +1,59 @@
+"""The zoo: every part loads with stock `from_pretrained`; building is deterministic and reloads identically."""
+
+import random
+
+import torch
+from transformers import AutoImageProcessor, AutoTokenizer, CLIPVisionModel, LlamaForCausalLM
+
+from study import zoo
+
+
+def test_zoo_parts_load_with_from_pretrained(zoo_ready):
+    tok = AutoTokenizer.from_pretrained(zoo.tokenizer_path())
+    assert "<image>" in tok.get_vocab() and tok.chat_template
+    prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert prompt == "USER: hi ASSISTANT:"
+    sizes = {}
+    for size in zoo.LLM_SIZES:
+        model = LlamaForCausalLM.from_pretrained(zoo.llm_path(size))
+        sizes[size] = sum(p.numel() for p in model.parameters())
+    assert max(sizes.values()) / min(sizes.values()) >= 8, sizes  # the model-size axis spans ~10x
+    assert sorted(sizes.values()) == list(sizes.values())
+    for image_size in zoo.IMAGE_SIZES:
+        tower = CLIPVisionModel.from_pretrained(zoo.vision_path(image_size))
+        assert tower.config.image_size == image_size
+        assert AutoImageProcessor.from_pretrained(zoo.vision_path(image_size)).crop_size["height"] == image_size
+
+
+def test_pretrained_llm_speaks_the_world(zoo_ready):
+    """Briefly pretrained means: far lower loss on fresh world text than the same model at init."""
+    tok = AutoTokenizer.from_pretrained(zoo.tokenizer_path())
+    texts = [tok.apply_chat_template(c, tokenize=False) for c in zoo._corpus(random.Random(123), 32)]
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
+    trained = LlamaForCausalLM.from_pretrained(zoo.llm_path("1m"))
+    fresh = LlamaForCausalLM(trained.config)
+    with torch.no_grad():
+        assert trained(**enc, labels=labels).loss < 0.3 * fresh(**enc, labels=labels).loss
+
+
+def test_build_is_deterministic_and_reloads_identically(tmp_path):
+    convs = zoo._corpus(random.Random(0), 200)
+    texts = [zoo._render(c) for c in convs]
+    tok_a, tok_b = zoo.build_tokenizer(texts), zoo.build_tokenizer(texts)
+    assert tok_a.get_vocab() == tok_b.get_vocab()
+    a = zoo.pretrain_llm("0.3m", tok_a, convs, steps=3, seed=5)
+    b = zoo.pretrain_llm("0.3m", tok_b, convs, steps=3, seed=5)
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), name
+    a.save_pretrained(tmp_path / "llm")
+    back = LlamaForCausalLM.from_pretrained(tmp_path / "llm")
+    ids = torch.tensor([tok_a("USER: What number comes after two?")["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(a(ids).logits, back(ids).logits)
+    v1 = zoo.pretrain_vision(32, tok_a, steps=2, seed=5)
+    v2 = zoo.pretrain_vision(32, tok_a, steps=2, seed=5)
+    v1.save_pretrained(tmp_path / "clip")
+    v3 = CLIPVisionModel.from_pretrained(tmp_path / "clip")
+    for (name, p), q, r in zip(v1.state_dict().items(), v2.state_dict().values(), v3.state_dict().values()):
+        assert torch.equal(p, q) and torch.equal(p, r), name
