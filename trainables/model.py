@@ -38,6 +38,10 @@ def build_processor(cfg):
     tokenizer = AutoTokenizer.from_pretrained(llm_id(cfg.model_size), trust_remote_code=trc)
     if "<image>" not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    if not tokenizer.chat_template:  # e.g. Vicuna v1.5 ships none: use its USER/ASSISTANT format
+        from study.zoo import CHAT_TEMPLATE
+
+        tokenizer.chat_template = CHAT_TEMPLATE
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     vision = vision_id(cfg)
