@@ -10,6 +10,7 @@ from pathlib import Path
 def _ray_init(address: str | None) -> None:
     import ray
 
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # trials print similar progress lines; keep them all
     env = {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1",
            "MMSCALE_CACHE": os.environ.get("MMSCALE_CACHE", "")}
     env = {k: v for k, v in env.items() if v}

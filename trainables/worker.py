@@ -34,18 +34,19 @@ class Ctx:
     processor: object
     root: Path
     log: object  # study.tracking.TrialLog on rank 0, else None
+    name: str = ""
 
     def say(self, msg: str) -> None:
         if self.rank == 0:
-            print(f"[{self.cfg.method} {self.cfg.model_size}] {msg}", flush=True)
+            print(f"[{self.name} {self.cfg.method} {self.cfg.model_size}] {msg}", flush=True)
 
 
-def setup(cfg: TrialConfig, rank: int, world: int, device, log=None) -> Ctx:
+def setup(cfg: TrialConfig, rank: int, world: int, device, log=None, name: str = "trial") -> Ctx:
     from study import zoo
     from trainables.model import build_processor
 
     root = Path(cfg.data) if cfg.data else zoo.world_dir()
-    return Ctx(cfg, rank, world, device, build_processor(cfg), root, log)
+    return Ctx(cfg, rank, world, device, build_processor(cfg), root, log, name)
 
 
 def deepspeed_config(cfg: TrialConfig, world: int) -> dict:
@@ -143,7 +144,7 @@ def stage1(ctx: Ctx) -> tuple[Path, dict]:
     Rank 0 holds a file lock while the trial computes it, so a concurrent trial with
     the same key waits and then reuses it; the result is renamed into place whole.
     """
-    from filelock import FileLock
+    from filelock import FileLock, Timeout
 
     from trainables.model import build_llava
 
@@ -153,7 +154,11 @@ def stage1(ctx: Ctx) -> tuple[Path, dict]:
     lock = FileLock(str(target) + ".lock") if ctx.rank == 0 else None
     if lock:
         storage.mkdir(parents=True, exist_ok=True)
-        lock.acquire()
+        try:
+            lock.acquire(blocking=False)
+        except Timeout:
+            ctx.say(f"stage 1: another trial is computing {target.name}; waiting to reuse it")
+            lock.acquire()
     try:
         flag = [target.exists()]
         if ctx.world > 1:
@@ -246,10 +251,10 @@ def cost(cfg: TrialConfig, seconds: float, world: int) -> dict[str, float]:
     return {"gpu_hours": hours, "dollars": hours * cfg.price_per_node_hour}
 
 
-def run(cfg: TrialConfig, rank: int, world: int, device, log=None) -> dict:
+def run(cfg: TrialConfig, rank: int, world: int, device, log=None, name: str = "trial") -> dict:
     """The whole trial on one rank; returns the final metrics (identical on every rank)."""
     torch.manual_seed(cfg.seed)
-    ctx = setup(cfg, rank, world, device, log)
+    ctx = setup(cfg, rank, world, device, log, name)
     base, s1 = stage1(ctx)
     engine, counts, seconds, loss, skipped = stage2(ctx, base)
     result = {"score": evaluate(ctx, engine)}
@@ -298,5 +303,5 @@ def train_loop(loop_config: dict) -> None:
     cfg = TrialConfig.from_dict(loop_config["trial"])
     log = TrialLog.attach(loop_config["tracking_uri"], loop_config["experiment_id"], loop_config["trial_id"]) \
         if rank == 0 else None
-    result = run(cfg, rank, world, ray.train.torch.get_device(), log)
+    result = run(cfg, rank, world, ray.train.torch.get_device(), log, name=loop_config["trial_id"])
     ray.train.report(result)
