@@ -3,23 +3,50 @@
     from analysis.runs import load_trials
     df = load_trials("sqlite:////abs/mlflow.db", "lora")
 
-One row per nested trial run: `run_id`, `status`, `parent_run_id`, the flat params
-with their types restored (from TrialConfig), and the final value of every metric.
+One row per nested trial run (a run with an `mlflow.parentRunId` tag; the study's own
+parent run is left out): `run_id`, `status` (FINISHED, FAILED, KILLED, RUNNING, ...),
+`parent_run_id`, `study`, `experiment`, the flat params with their types restored from
+TrialConfig (`lora_rank` is an int, `lr` a float, `model_size` stays a string), and
+the final (last-step) value of every metric. Any tracking URI MLflow accepts works:
+a sqlite file, a file store directory, or `http://host:port` of a tracking server.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+from urllib.parse import unquote
+
 import pandas as pd
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from study.tracking import PARENT_TAG, resolve_uri
+from study.store import STUDY_TAG, resolve_uri
 from trainables.config import TrialConfig
 
 COST_COLUMNS = ["gpu_hours", "dollars", "trainable_params", "peak_mem_gb", "samples_per_s"]
 TABLE_COLUMNS = ["model_size", "method", "lora_rank", "lora_alpha", "lr", "score"] + COST_COLUMNS
+RUN_COLUMNS = ["run_id", "status", "parent_run_id", "study", "experiment"]
+
+# How each column reads in a table: tiny costs in scientific notation, counts with separators.
+FORMATS = {"lr": "{:.2e}", "gpu_hours": "{:.2e}", "stage1_gpu_hours": "{:.2e}", "stage2_gpu_hours": "{:.2e}",
+           "dollars": "{:.4f}", "score": "{:.1f}", "score_best": "{:.1f}", "score_mean": "{:.1f}",
+           "score_std": "{:.1f}", "peak_mem_gb": "{:.2f}", "samples_per_s": "{:.0f}", "artifact_mb": "{:.2f}",
+           "trainable_params": "{:,.0f}", "lora_alpha": "{:g}", "mix_ratio": "{:g}"}
+
+
+class AnalysisError(KeyError):
+    """Bad input to the analysis: an unknown experiment or column, or nothing to analyse.
+
+    The message names the culprit. A KeyError so that older callers that caught the
+    unknown-experiment KeyError keep working.
+    """
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
 
 
 def _typed(key: str, value: str):
+    """A param back in its TrialConfig type; params outside the schema stay strings."""
     field = TrialConfig.__dataclass_fields__.get(key)
     if field is None:
         return value
@@ -32,21 +59,62 @@ def _typed(key: str, value: str):
         return value
 
 
-def load_trials(tracking_uri: str | None, experiment: str) -> pd.DataFrame:
-    client = MlflowClient(resolve_uri(tracking_uri))
+def load_trials(tracking_uri: str | None, experiment: str, parent_run_id: str | None = None) -> pd.DataFrame:
+    """Every trial run of `experiment` (only those of one study's parent run if `parent_run_id`)."""
+    uri = resolve_uri(tracking_uri)
+    _require_local_store(uri)
+    client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
-        raise KeyError(f"no MLflow experiment named {experiment!r} at {resolve_uri(tracking_uri)}")
+        raise AnalysisError(f"no MLflow experiment named {experiment!r} at {uri}")
+    query = f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'" if parent_run_id else ""
     rows = []
-    for run in client.search_runs([exp.experiment_id], max_results=50000):
-        parent = run.data.tags.get(PARENT_TAG)
+    for run in _all_runs(client, exp.experiment_id, query):
+        parent = run.data.tags.get(MLFLOW_PARENT_RUN_ID)
         if parent is None:
             continue  # the study's own run
-        row = {"run_id": run.info.run_id, "status": run.info.status, "parent_run_id": parent}
+        row = {"run_id": run.info.run_id, "status": run.info.status, "parent_run_id": parent,
+               "study": run.data.tags.get(STUDY_TAG, experiment), "experiment": experiment}
         row.update({k: _typed(k, v) for k, v in run.data.params.items()})
         row.update(run.data.metrics)
         rows.append(row)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=None if rows else RUN_COLUMNS)
+
+
+def _require_local_store(uri: str) -> None:
+    """Reading must not create: MLflow would make an empty store at a mistyped local path."""
+    local = {"sqlite:///": uri[len("sqlite:///"):], "file://": uri[len("file://"):]}
+    for scheme, path in local.items():
+        if uri.startswith(scheme) and not Path(unquote(path)).exists():
+            raise AnalysisError(f"no MLflow store at {unquote(path)} (tracking URI {uri})")
+
+
+def _all_runs(client: MlflowClient, experiment_id: str, query: str):
+    """search_runs page by page: a tracking server caps one page (1000 by default)."""
+    token = None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=query, max_results=1000, page_token=token)
+        yield from page
+        token = page.token
+        if not token:
+            return
+
+
+def load_studies(tracking_uri: str | None, experiments: list[str]) -> pd.DataFrame:
+    """The trials of several experiments in one frame (its `experiment` column tells them apart)."""
+    if not experiments:
+        raise AnalysisError("no experiments named to compare")
+    frames = [load_trials(tracking_uri, name) for name in experiments]
+    return pd.concat([f for f in frames if not f.empty] or frames[:1], ignore_index=True)
+
+
+def formatted(view: pd.DataFrame) -> pd.DataFrame:
+    """The same frame with every known numeric column as display strings ("-" where missing)."""
+    view = view.copy()
+    for col, spec in FORMATS.items():
+        if col in view:
+            view[col] = view[col].map(lambda v, spec=spec: spec.format(v) if pd.notna(v) else "-")
+    return view.astype(object).where(view.notna(), "-")
 
 
 def format_table(df: pd.DataFrame, sort_by: str = "score") -> str:
@@ -54,12 +122,6 @@ def format_table(df: pd.DataFrame, sort_by: str = "score") -> str:
     if df.empty:
         return "(no trials)"
     cols = [c for c in TABLE_COLUMNS if c in df.columns]
-    view = df.sort_values(sort_by, ascending=False, na_position="last")[cols].copy() \
-        if sort_by in df.columns else df[cols].copy()
-    fmt = {"lr": "{:.2e}".format, "gpu_hours": "{:.2e}".format, "dollars": "{:.4f}".format,
-           "score": "{:.1f}".format, "peak_mem_gb": "{:.2f}".format, "samples_per_s": "{:.0f}".format,
-           "trainable_params": "{:,.0f}".format, "lora_alpha": "{:g}".format}
-    for col, f in fmt.items():
-        if col in view:
-            view[col] = view[col].map(lambda v, f=f: f(v) if pd.notna(v) else "-")
-    return view.to_string(index=False)
+    view = df.sort_values(sort_by, ascending=False, na_position="last")[cols] \
+        if sort_by in df.columns else df[cols]
+    return formatted(view).to_string(index=False)

@@ -33,7 +33,8 @@ def run_study(args, space, p: dict) -> int:
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
-    from analysis.runs import format_table, load_trials
+    from analysis.frontier import log_study_frontier
+    from analysis.runs import AnalysisError, format_table, load_trials
     from study import tracking, zoo
     from trainables.driver import StudyContext, run_trial
 
@@ -84,6 +85,12 @@ def run_study(args, space, p: dict) -> int:
     print(f"\nStudy {p['study']!r}: {len(df)} trials ({len(errors)} failed), sorted by score "
           f"(gpu_hours = device-hours per node of {p['example'].devices_per_node}):")
     print(format_table(df))
+    try:
+        out = log_study_frontier(uri, p["study"], parent, storage / "frontier" / parent)
+        print(f"\nFrontier (score vs gpu_hours): {out / 'frontier.png'}, {out / 'frontier.csv'}, "
+              f"{out / 'table.md'}; also artifacts frontier/ of the study's run {parent}")
+    except AnalysisError as e:
+        print(f"\nno frontier: {e}")
     print(f"\nMLflow tracking URI: {uri}")
     print(f"Open the UI:  mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
     return 1 if errors and len(errors) == len(df) else 0

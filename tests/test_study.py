@@ -51,6 +51,10 @@ def test_smoke_lora_study(tmp_path):
         assert sorted(m.step for m in history) == list(range(steps))
         files = {Path(f.path).name for f in client.list_artifacts(run.info.run_id, "adapter")}
         assert {"adapter_config.json", "adapter_model.safetensors"} <= files
+    # the study's run carries the frontier plot and table
+    frontier = {Path(f.path).name for f in client.list_artifacts(parents[0].info.run_id, "frontier")}
+    assert {"frontier.png", "frontier.csv", "table.md"} <= frontier
+    assert "Frontier (score vs gpu_hours)" in r.stdout
     # the table, the tracking URI and how to open the UI on loopback
     assert "score" in r.stdout and "gpu_hours" in r.stdout and "trainable_params" in r.stdout
     assert f"sqlite:///{tmp_path}/mlflow.db" in r.stdout and "--host 127.0.0.1" in r.stdout

@@ -1,0 +1,210 @@
+"""Figures of a study, with matplotlib's object API on the Agg canvas.
+
+    from analysis import plots
+    fig = plots.frontier_plot(front)          # every trial; the frontier as a step line, labelled
+    fig.savefig("frontier.png", dpi=150)
+
+No pyplot: figures carry no global state and never open a window, so the CLI, the
+tests and a study's driver can draw them anywhere. In a notebook, `%matplotlib inline`
+makes a returned Figure show itself.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+from analysis.pareto import Frontier
+from analysis.runs import AnalysisError
+from analysis.tables import RANK_METHODS, finished, size_key
+
+LABELS = {"score": "score (0-100, higher is better)", "gpu_hours": "GPU-hours per node",
+          "dollars": "cost ($)", "trainable_params": "trainable parameters", "peak_mem_gb": "peak memory (GB)",
+          "artifact_mb": "artifact size (MB)", "samples_per_s": "throughput (samples/s)",
+          "lr": "learning rate", "lora_rank": "LoRA rank r", "stage1_gpu_hours": "stage-1 GPU-hours per node",
+          "stage2_gpu_hours": "stage-2 GPU-hours per node"}
+LOG_DECADES = 1.5  # a cost axis spanning this many decades or more is drawn on a log scale
+MARKERS = "osD^vP*Xph"
+
+
+def axis_label(column: str) -> str:
+    return LABELS.get(column, column)
+
+
+def trial_label(row) -> str:
+    """method, model size and (for LoRA-style methods) rank: "lora 1m r16"."""
+    label = f"{row.get('method', '?')} {row.get('model_size', '?')}"
+    if row.get("method") in RANK_METHODS and pd.notna(row.get("lora_rank")):
+        label += f" r{int(row['lora_rank'])}"
+    return label
+
+
+def _figure(width: float = 7.5, height: float = 4.8):
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
+
+
+def _styles(df: pd.DataFrame):
+    """A colour per method and a marker per model size, stable across the figures of one study."""
+    methods = sorted(df["method"].dropna().unique()) if "method" in df else []
+    sizes = sorted(df["model_size"].dropna().unique(), key=size_key) if "model_size" in df else []
+    colors = {m: f"C{i % 10}" for i, m in enumerate(methods)}
+    markers = {s: MARKERS[i % len(MARKERS)] for i, s in enumerate(sizes)}
+    return colors, markers
+
+
+def _decades(values: pd.Series) -> float:
+    """How many decades positive values span (0 when any is <= 0: a log axis cannot show them)."""
+    values = values.dropna()
+    if not len(values) or values.min() <= 0:
+        return 0.0
+    return math.log10(values.max() / values.min())
+
+
+def _log_axis(axis, decades: float) -> None:
+    """Plain tick labels (0.0002, 0.0005, 0.001) on a log axis: the default 2x10^-4 minor labels collide."""
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0) if decades <= 3 else (1.0,)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 1 else f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def frontier_plot(front: Frontier, x: str | None = None, y: str | None = None, title: str | None = None) -> Figure:
+    """Every considered trial (colour = method, marker = model size), frontier trials ringed and
+    labelled, and for two objectives the frontier as a step: the best score reachable for a budget.
+    `title` (e.g. the study's name) goes before the counts in the figure's title."""
+    x = x or front.costs[0]
+    y = y or next((c for c, d in front.objectives.items() if d == "max"), front.costs[-1])
+    df = front.considered
+    df = df.assign(**{c: "?" for c in ("method", "model_size") if c not in df})  # frames made by hand
+    colors, markers = _styles(df)
+    fig, ax = _figure()
+    for (method, size), group in df.groupby(["method", "model_size"], sort=False):
+        ax.scatter(group[x], group[y], c=colors[method], marker=markers[size], s=36, alpha=0.75, linewidths=0)
+    on = df.loc[front.frontier.index]  # cheapest first
+    ax.scatter(on[x], on[y], s=110, facecolors="none", edgecolors="black", linewidths=1.2, zorder=3)
+    if len(front.objectives) == 2 and len(on) > 0:
+        ax.step(on[x], on[y], where="post", color="black", linewidth=1, zorder=2)
+    if _decades(df[x]) >= LOG_DECADES:
+        ax.set_xscale("log")
+        _log_axis(ax.xaxis, _decades(df[x]))
+    ax.set_xlabel(axis_label(x) + (" (log scale)" if ax.get_xscale() == "log" else ""))
+    ax.set_ylabel(axis_label(y))
+    left_out = sum(front.excluded.values())
+    ax.set_title((f"{title}: " if title else "") + f"Pareto frontier, {len(on)} of {len(df)} trials"
+                 + (f" ({left_out} unfinished or incomplete left out)" if left_out else ""), fontsize=10)
+    handles = [Line2D([], [], color=c, marker="o", linestyle="", label=m) for m, c in colors.items()]
+    handles += [Line2D([], [], color="grey", marker=mk, linestyle="", label=s) for s, mk in markers.items()]
+    handles.append(Line2D([], [], color="black", marker="o", markerfacecolor="none", label="frontier"))
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # never over a point
+    ax.grid(True, alpha=0.3)
+    _place_labels(fig, ax, on[x].to_numpy(), on[y].to_numpy(), [trial_label(r) for _, r in on.iterrows()])
+    return fig
+
+
+# Where a label may sit relative to its point (points, alignment), tried in this order.
+_OFFSETS = [(6, 4, "left"), (6, -12, "left"), (-6, 4, "right"), (-6, -12, "right"),
+            (6, 16, "left"), (-6, 16, "right"), (6, -24, "left"), (-6, -24, "right"),
+            (6, 28, "left"), (-6, 28, "right"), (6, -36, "left"), (-6, -36, "right")]
+
+
+def _place_labels(fig: Figure, ax, xs, ys, texts) -> None:
+    """Annotate points so that no label overlaps another or the legend, or leaves the axes
+    (if every place in _OFFSETS is taken, the last one is used).
+
+    The layout is computed once and then frozen, so where a label is measured is where it is drawn.
+    """
+    fig.draw_without_rendering()
+    fig.set_layout_engine("none")
+    renderer = fig.canvas.get_renderer()
+    inside = ax.get_window_extent(renderer)
+    taken = [ax.get_legend().get_window_extent(renderer)] if ax.get_legend() else []
+    for px, py, text in zip(xs, ys, texts):
+        ann = ax.annotate(text, (px, py), fontsize=7.5, textcoords="offset points", xytext=_OFFSETS[0][:2],
+                          ha="left", bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.7})
+        for dx, dy, ha in _OFFSETS:
+            ann.xyann = (dx, dy)
+            ann.set_ha(ha)
+            box = ann.get_window_extent(renderer)
+            fits = inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0 and box.y1 <= inside.y1
+            if fits and not any(box.overlaps(other) for other in taken):
+                break
+        taken.append(ann.get_window_extent(renderer))
+
+
+def rank_plot(trials: pd.DataFrame) -> Figure:
+    """Score against LoRA rank, one line (the best trial per rank) and its trials per model size."""
+    df = finished(trials)
+    df = df[df["method"].isin(RANK_METHODS)] if "method" in df else df.iloc[0:0]
+    fig, ax = _figure()
+    _, markers = _styles(df)
+    for i, (size, group) in enumerate(sorted(df.groupby("model_size"), key=lambda kv: size_key(kv[0]))):
+        best = group.groupby("lora_rank")["score"].max()
+        ax.scatter(group["lora_rank"], group["score"], color=f"C{i}", marker=markers[size], alpha=0.35, s=24)
+        ax.plot(best.index.astype(float), best.to_numpy(), color=f"C{i}", marker=markers[size],
+                label=f"{size} (best per rank)")
+    if df.empty:
+        ax.text(0.5, 0.5, "no LoRA / QLoRA trials", ha="center", va="center", transform=ax.transAxes)
+    else:
+        ranks = sorted(df["lora_rank"].dropna().astype(int).unique())
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ranks, [str(r) for r in ranks])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.legend(title="model size", fontsize=8)
+    ax.set_xlabel(axis_label("lora_rank") + " (log scale)")
+    ax.set_ylabel(axis_label("score"))
+    ax.set_title("Score vs LoRA rank", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    return fig
+
+
+def lr_plot(trials: pd.DataFrame) -> Figure:
+    """Score against learning rate (log scale), colour = model size, marker = method."""
+    df = finished(trials)
+    fig, ax = _figure()
+    _, markers = _styles(df)
+    methods = sorted(df["method"].unique()) if "method" in df else []
+    for i, size in enumerate(sorted(df["model_size"].unique(), key=size_key) if not df.empty else []):
+        for j, method in enumerate(methods):
+            g = df[(df["model_size"] == size) & (df["method"] == method)]
+            if len(g):
+                ax.scatter(g["lr"], g["score"], color=f"C{i}", marker=MARKERS[j % len(MARKERS)], s=32,
+                           label=f"{size} {method}")
+    ax.set_xscale("log")
+    _log_axis(ax.xaxis, _decades(df["lr"]) if not df.empty else 1.0)
+    ax.set_xlabel(axis_label("lr") + " (log scale)")
+    ax.set_ylabel(axis_label("score"))
+    ax.set_title("Score vs learning rate", fontsize=10)
+    if not df.empty:
+        ax.legend(title="model size, method", fontsize=8)
+    ax.grid(True, alpha=0.3, which="both")
+    return fig
+
+
+def stage_cost_plot(trials: pd.DataFrame, by: tuple[str, ...] = ("model_size", "method")) -> Figure:
+    """Mean GPU-hours per node of stage 1 and stage 2, stacked, per model size x method."""
+    df = finished(trials)
+    for col in ("stage1_gpu_hours", "stage2_gpu_hours", *by):
+        if not df.empty and col not in df:
+            raise AnalysisError(f"unknown column {col!r}: the trials have no per-stage cost")
+    fig, ax = _figure()
+    if df.empty:
+        ax.text(0.5, 0.5, "no finished trials", ha="center", va="center", transform=ax.transAxes)
+        return fig
+    means = df.groupby(list(by))[["stage1_gpu_hours", "stage2_gpu_hours"]].mean().reset_index()
+    means = means.sort_values(list(by), key=lambda s: s.map(size_key) if s.name == "model_size" else s)
+    names = [" ".join(str(v) for v in row) for row in means[list(by)].itertuples(index=False)]
+    ax.bar(names, means["stage1_gpu_hours"], label="stage 1 (projector; cached, shared)", color="C7")
+    ax.bar(names, means["stage2_gpu_hours"], bottom=means["stage1_gpu_hours"], label="stage 2 (tuning)",
+           color="C0")
+    ax.set_ylabel("GPU-hours per node (mean per trial)")
+    ax.set_xlabel(" x ".join(by))
+    ax.set_title("Cost per stage", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(True, axis="y", alpha=0.3)
+    return fig
