@@ -21,9 +21,12 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from study.store import STUDY_TAG, resolve_uri
-from trainables.config import TrialConfig
+from trainables.config import parse_param
 
-COST_COLUMNS = ["gpu_hours", "dollars", "trainable_params", "peak_mem_gb", "samples_per_s"]
+COST_COLUMNS = ["gpu_hours", "dollars", "trainable_params", "peak_mem_gb", "artifact_mb", "samples_per_s"]
+# The methods whose LoRA rank and alpha mean something; for the others the logged
+# default is a leftover of the schema, so tables leave it blank instead of showing it.
+RANK_METHODS = {"lora", "qlora"}
 TABLE_COLUMNS = ["model_size", "method", "lora_rank", "lora_alpha", "lr", "score"] + COST_COLUMNS
 RUN_COLUMNS = ["run_id", "status", "parent_run_id", "study", "experiment"]
 
@@ -45,20 +48,6 @@ class AnalysisError(KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-def _typed(key: str, value: str):
-    """A param back in its TrialConfig type; params outside the schema stay strings."""
-    field = TrialConfig.__dataclass_fields__.get(key)
-    if field is None:
-        return value
-    kind = type(field.default)
-    if kind is bool:
-        return value == "True"
-    try:
-        return kind(float(value)) if kind is int else kind(value)
-    except ValueError:
-        return value
-
-
 def load_trials(tracking_uri: str | None, experiment: str, parent_run_id: str | None = None) -> pd.DataFrame:
     """Every trial run of `experiment` (only those of one study's parent run if `parent_run_id`)."""
     uri = resolve_uri(tracking_uri)
@@ -75,7 +64,7 @@ def load_trials(tracking_uri: str | None, experiment: str, parent_run_id: str | 
             continue  # the study's own run
         row = {"run_id": run.info.run_id, "status": run.info.status, "parent_run_id": parent,
                "study": run.data.tags.get(STUDY_TAG, experiment), "experiment": experiment}
-        row.update({k: _typed(k, v) for k, v in run.data.params.items()})
+        row.update({k: parse_param(k, v) for k, v in run.data.params.items()})
         row.update(run.data.metrics)
         rows.append(row)
     return pd.DataFrame(rows, columns=None if rows else RUN_COLUMNS)
@@ -122,6 +111,9 @@ def format_table(df: pd.DataFrame, sort_by: str = "score") -> str:
     if df.empty:
         return "(no trials)"
     cols = [c for c in TABLE_COLUMNS if c in df.columns]
+    if "method" in df:
+        no_rank = ~df["method"].isin(RANK_METHODS)
+        df = df.assign(**{c: df[c].astype(object).mask(no_rank) for c in ("lora_rank", "lora_alpha") if c in df})
     view = df.sort_values(sort_by, ascending=False, na_position="last")[cols] \
         if sort_by in df.columns else df[cols]
     return formatted(view).to_string(index=False)

@@ -16,11 +16,7 @@ import re
 
 import pandas as pd
 
-from analysis.runs import formatted
-
-# The methods whose LoRA rank and alpha mean something; for the others the logged
-# default is a leftover of the schema, so tables leave it blank instead of grouping by it.
-RANK_METHODS = {"lora", "qlora"}
+from analysis.runs import RANK_METHODS, formatted
 FACTORS = ["model_size", "method", "image_size", "mix_ratio", "lora_rank", "lora_alpha", "alpha_per_rank"]
 COSTS = ["gpu_hours", "dollars", "trainable_params", "peak_mem_gb", "artifact_mb"]
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)([kmbt]?)$", re.IGNORECASE)

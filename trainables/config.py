@@ -39,6 +39,12 @@ class TrialConfig:
                      default=1e-3)
     projector_lr: float = _doc("stage-2 learning rate of the projector (LLaVA trains it beside LoRA)",
                                default=5e-4)
+    adapter_dim: int = _doc("MMA: bottleneck width of each MM-Adapter (LaVIN: 8)", default=8)
+    router_temperature: float = _doc("MMA: softmax temperature of the adapters' modality routers (LaVIN: 10)",
+                                     default=10.0)
+    neck_dim: int = _doc("MMA: hidden width of the visual neck's MLP (LaVIN: 128)", default=128)
+    neck_every: int = _doc("MMA: the visual neck takes the [CLS] token of every n-th vision layer (LaVIN: 4)",
+                           default=4)
     mix_ratio: float = _doc("fraction of language-only samples in stage 2 (the paper's data-mixing axis)",
                             default=0.0)
     # --- the recipe ---
@@ -74,6 +80,10 @@ class TrialConfig:
             "lora_dropout": 0 <= self.lora_dropout < 1,
             "lr": self.lr > 0,
             "projector_lr": self.projector_lr > 0,
+            "adapter_dim": self.adapter_dim > 0,
+            "router_temperature": self.router_temperature > 0,
+            "neck_dim": self.neck_dim > 0,
+            "neck_every": self.neck_every > 0,
             "mix_ratio": 0 <= self.mix_ratio < 1,
             "stage1_steps": self.stage1_steps >= 0,
             "stage1_lr": self.stage1_lr > 0,
@@ -94,6 +104,9 @@ class TrialConfig:
                 hint = {"method": f"one of {sorted(METHODS)}",
                         "model_size": f"a zoo size {sorted(LLM_SIZES)} or a Hugging Face id / path"}.get(key, self.help(key))
                 raise ConfigError(f"{key}={getattr(self, key)!r} is out of range ({hint})")
+        problem = METHODS[self.method].problem(self)
+        if problem:
+            raise ConfigError(problem)
 
     @staticmethod
     def help(key: str) -> str:
@@ -108,11 +121,31 @@ class TrialConfig:
         coerced = {key: _coerce(key, value, type(known[key].default)) for key, value in values.items()}
         return cls(**coerced)
 
+    @classmethod
+    def from_params(cls, params: dict[str, str]) -> "TrialConfig":
+        """A trial's config back from its MLflow params (strings); params outside the schema are ignored."""
+        known = cls.__dataclass_fields__
+        return cls.from_dict({k: parse_param(k, v) for k, v in params.items() if k in known})
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def replace(self, **changes) -> "TrialConfig":
         return TrialConfig.from_dict({**self.to_dict(), **changes})
+
+
+def parse_param(key: str, value: str) -> Any:
+    """A logged param back in its TrialConfig type; keys outside the schema, or unparsable values, stay strings."""
+    field = TrialConfig.__dataclass_fields__.get(key)
+    if field is None:
+        return value
+    kind = type(field.default)
+    if kind is bool:
+        return value == "True"
+    try:
+        return kind(float(value)) if kind is int else kind(value)
+    except ValueError:
+        return value
 
 
 def _coerce(key: str, value: Any, kind: type) -> Any:

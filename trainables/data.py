@@ -41,17 +41,20 @@ def messages(conversations: list[dict]) -> list[dict]:
     return [{"role": ROLES[turn["from"]], "content": turn["value"]} for turn in conversations]
 
 
-def encode(records: list[dict], processor, root: Path, max_length: int, for_generation: bool = False) -> Encoded:
+def encode(records: list[dict], processor, root: Path, max_length: int, for_generation: bool = False,
+           image_tokens: int | None = None) -> Encoded:
     """Tokenize records with the chat template; `for_generation` keeps the prompt only.
 
-    Labels mark the characters of assistant turns, found by rendering each turn's
-    prefix with the same template, and mapped to tokens through offsets.
+    `image_tokens` placeholders stand for each image (default: one per vision patch,
+    as LLaVA; MMA's visual neck uses fewer). Labels mark the characters of assistant
+    turns, found by rendering each turn's prefix with the same template, and mapped to
+    tokens through offsets.
     """
     from trainables.model import num_image_tokens
 
     tok = processor.tokenizer
     image_token = "<image>"
-    expanded = image_token * num_image_tokens(processor)
+    expanded = image_token * (image_tokens or num_image_tokens(processor))
     out = Encoded([], [], [], [], None, [], [])
     images = []
     for rec in records:

@@ -85,3 +85,29 @@ def build_llava(cfg, processor, dtype=torch.float32):
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
+
+
+def load_llava(path, cfg, quantization=None):
+    """A saved LLaVA checkpoint (e.g. the stage-1 result) as the stage-2 starting model.
+
+    fp32 weights: on GPU DeepSpeed's bf16 mode casts them; a quantized base keeps its
+    4-bit linear layers and computes in the quantization config's dtype.
+    """
+    from transformers import LlavaForConditionalGeneration
+
+    return LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32, quantization_config=quantization,
+                                                         trust_remote_code=trust_remote_code())
+
+
+def gathered_state(engine, zero_stage: int, rank: int) -> dict[str, torch.Tensor] | None:
+    """The full state dict on rank 0 (None elsewhere); a collective under ZeRO-3.
+
+    ZeRO-3 consolidation goes through DeepSpeed's own layer-by-layer gather to rank 0
+    (what Accelerate's get_state_dict uses), so no rank ever holds two full copies.
+    """
+    if zero_stage == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()
+        return {k: v.detach().cpu() for k, v in state.items()} if rank == 0 else None
+    if rank != 0:
+        return None
+    return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}

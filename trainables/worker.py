@@ -22,7 +22,7 @@ import torch.distributed as dist
 from trainables import data as D
 from trainables.config import TrialConfig
 from trainables.evaluate import score
-from trainables.methods import METHODS, STAGE1, apply_stage, check_stage
+from trainables.methods import METHODS, STAGE1, apply_stage, check_stage, dir_mb
 
 
 @dataclass
@@ -35,6 +35,15 @@ class Ctx:
     root: Path
     log: object  # study.tracking.TrialLog on rank 0, else None
     name: str = ""
+    image_tokens: int | None = None  # placeholders per image; None = one per vision patch (LLaVA)
+
+    def encode(self, name: str, for_generation: bool = False, limit: int = 0) -> D.Encoded:
+        """One split of the trial's dataset, tokenized for this trial's model and method."""
+        records = D.read_records(self.root, name)
+        if limit:
+            records = records[:limit]
+        return D.encode(records, self.processor, self.root, self.cfg.max_length, for_generation,
+                        image_tokens=self.image_tokens)
 
     def say(self, msg: str) -> None:
         if self.rank == 0:
@@ -46,7 +55,10 @@ def setup(cfg: TrialConfig, rank: int, world: int, device, log=None, name: str =
     from trainables.model import build_processor
 
     root = Path(cfg.data) if cfg.data else zoo.world_dir()
-    return Ctx(cfg, rank, world, device, build_processor(cfg), root, log, name)
+    processor = build_processor(cfg)
+    image_tokens = METHODS[cfg.method].image_tokens
+    return Ctx(cfg, rank, world, device, processor, root, log, name,
+               image_tokens(processor, cfg) if image_tokens else None)
 
 
 def deepspeed_config(cfg: TrialConfig, world: int) -> dict:
@@ -111,15 +123,9 @@ def train(ctx: Ctx, model, groups: list[dict], data: D.Encoded, steps: int, stag
     return engine, seconds, sum(tail) / len(tail)
 
 
-def gathered_state(module: torch.nn.Module, zero_stage: int) -> dict[str, torch.Tensor]:
-    """The full state dict on every rank (ZeRO-3 shards gathered; a no-op under ZeRO-2)."""
-    if zero_stage == 3:
-        import deepspeed
-
-        params = list(module.parameters())
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+def stage1_steps(cfg: TrialConfig) -> int:
+    """Single-stage methods (MMA) start from the assembled model: stage 1 with no steps."""
+    return cfg.stage1_steps if METHODS[cfg.method].two_stage else 0
 
 
 def stage1_key(ctx: Ctx) -> str:
@@ -133,7 +139,7 @@ def stage1_key(ctx: Ctx) -> str:
     captions = ctx.root / "captions.json"
     digest = hashlib.sha256(captions.read_bytes()).hexdigest()[:16] if captions.exists() else "none"
     key = dict(llm=llm_id(cfg.model_size), vision=vision_id(cfg), image_size=cfg.image_size,
-               steps=cfg.stage1_steps, lr=cfg.stage1_lr, batch=cfg.batch_size, seed=cfg.seed,
+               steps=stage1_steps(cfg), lr=cfg.stage1_lr, batch=cfg.batch_size, seed=cfg.seed,
                captions=digest, bf16=cfg.use_gpu, zoo=zoo.ZOO_VERSION)
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -146,7 +152,7 @@ def stage1(ctx: Ctx) -> tuple[Path, dict]:
     """
     from filelock import FileLock, Timeout
 
-    from trainables.model import build_llava
+    from trainables.model import build_llava, gathered_state
 
     cfg = ctx.cfg
     storage = Path(cfg.storage or tempfile.gettempdir()) / "stage1"
@@ -164,23 +170,27 @@ def stage1(ctx: Ctx) -> tuple[Path, dict]:
         if ctx.world > 1:
             dist.broadcast_object_list(flag, src=0)
         if not flag[0]:
-            ctx.say(f"stage 1: aligning the projector ({cfg.stage1_steps} steps), cached as {target.name}")
+            steps = stage1_steps(cfg)
+            ctx.say(f"stage 1: aligning the projector ({steps} steps), cached as {target.name}")
             model = build_llava(cfg, ctx.processor)
             model, counts = apply_stage(model, STAGE1)
-            captions = D.encode(D.read_records(ctx.root, "captions.json"), ctx.processor, ctx.root, cfg.max_length)
-            params = [p for p in model.parameters() if p.requires_grad]
-            engine, seconds, loss = train(ctx, model, [{"params": params, "lr": cfg.stage1_lr}],
-                                          captions, max(cfg.stage1_steps, 1), "stage1") \
-                if cfg.stage1_steps else (model, 0.0, float("nan"))
-            state = gathered_state(engine.module if hasattr(engine, "module") else engine, cfg.zero_stage)
+            seconds, loss, state = 0.0, float("nan"), model.state_dict()
+            if steps:
+                captions = ctx.encode("captions.json")
+                params = [p for p in model.parameters() if p.requires_grad]
+                engine, seconds, loss = train(ctx, model, [{"params": params, "lr": cfg.stage1_lr}], captions,
+                                              steps, "stage1")
+                state = gathered_state(engine, cfg.zero_stage, ctx.rank)
+                del engine
             if ctx.rank == 0:
                 tmp = Path(tempfile.mkdtemp(dir=storage, prefix=target.name + ".tmp-"))
                 model.save_pretrained(tmp, state_dict=state)
                 ctx.processor.save_pretrained(tmp)
-                meta = dict(seconds=seconds, world=ctx.world, loss=loss, trainable_params=sum(counts.values()))
+                meta = dict(seconds=seconds, world=ctx.world, loss=loss,
+                            trainable_params=sum(counts.values()) if steps else 0)
                 (tmp / "stage1.json").write_text(json.dumps(meta))
                 os.replace(tmp, target)
-            del engine, model
+            del model
         if ctx.world > 1:
             dist.barrier()
     finally:
@@ -189,60 +199,57 @@ def stage1(ctx: Ctx) -> tuple[Path, dict]:
     return target, json.loads((target / "stage1.json").read_text())
 
 
+def param_groups(model, cfg: TrialConfig) -> list[dict]:
+    """The projector at its own learning rate (LLaVA's recipe), everything else that trains at `lr`."""
+    from trainables.methods import part_of
+
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    proj = [p for n, p in trainable if part_of(n) == "projector"]
+    rest = [p for n, p in trainable if part_of(n) != "projector"]
+    return [g for g in ({"params": rest, "lr": cfg.lr}, {"params": proj, "lr": cfg.projector_lr}) if g["params"]]
+
+
 def stage2(ctx: Ctx, base: Path):
     """Visual instruction tuning of the stage-1 model with the trial's method."""
-    from transformers import LlavaForConditionalGeneration
-
     cfg = ctx.cfg
-    model = LlavaForConditionalGeneration.from_pretrained(base, dtype=torch.float32)
-    model, counts = apply_stage(model, METHODS[cfg.method].stage2, cfg)
-    llm = [p for n, p in model.named_parameters() if p.requires_grad and "multi_modal_projector" not in n]
-    proj = [p for n, p in model.named_parameters() if p.requires_grad and "multi_modal_projector" in n]
-    groups = [g for g in ({"params": llm, "lr": cfg.lr}, {"params": proj, "lr": cfg.projector_lr}) if g["params"]]
-    images = D.encode(D.read_records(ctx.root, "train.json"), ctx.processor, ctx.root, cfg.max_length)
-    text = D.encode(D.read_records(ctx.root, "text.json"), ctx.processor, ctx.root, cfg.max_length)
+    method = METHODS[cfg.method]
+    model = method.load(base, cfg)
+    model, counts = apply_stage(model, method.stage2, cfg, method.wrap)
+    images, text = ctx.encode("train.json"), ctx.encode("text.json")
     train_data = D.mixed(images, text, cfg.mix_ratio, cfg.seed)
     skipped = images.too_long + text.too_long
     if len(skipped) > 0.01 * max(1, len(images.ids) + len(text.ids)):
         raise ValueError(f"{len(skipped)} samples have no answer tokens within max_length={cfg.max_length}, "
                          f"e.g. {skipped[:3]}")
     ctx.say(f"stage 2: {cfg.method} on {len(train_data.ids)} samples, {sum(counts.values()):,} trainable params")
-    engine, seconds, loss = train(ctx, model, groups, train_data, cfg.stage2_steps, "stage2")
-    check_stage(engine.module, METHODS[cfg.method].stage2)
+    engine, seconds, loss = train(ctx, model, param_groups(model, cfg), train_data, cfg.stage2_steps, "stage2")
+    check_stage(engine.module, method.stage2)
     return engine, counts, seconds, loss, len(skipped)
 
 
 def peak_memory_gb(device) -> tuple[float, str]:
     """Accelerator peak allocation on GPU, else the process's peak resident set size."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30, "cuda_max_allocated"
+        return torch.cuda.max_memory_allocated(device) / 2**30, "gpu_allocated"
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process_peak_rss"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "rss"
 
 
 def evaluate(ctx: Ctx, engine) -> float:
     cfg = ctx.cfg
-    records = D.read_records(ctx.root, "eval.json")
-    if cfg.eval_samples:
-        records = records[: cfg.eval_samples]
-    held_out = D.encode(records, ctx.processor, ctx.root, cfg.max_length, for_generation=True)
+    held_out = ctx.encode("eval.json", for_generation=True, limit=cfg.eval_samples)
     return score(engine.module, held_out, ctx.processor.tokenizer, cfg.max_new_tokens, ctx.device,
                  ctx.rank, ctx.world, synced=cfg.zero_stage == 3)
 
 
-def save_adapter(ctx: Ctx, engine, out: Path) -> None:
-    """PEFT-format adapter; base_model_name_or_path is the stage-1 LLaVA checkpoint."""
-    model = engine.module
-    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if ctx.cfg.zero_stage == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(trainable.values()), modifier_rank=None):
-            if ctx.rank == 0:
-                model.save_pretrained(out)
-    elif ctx.rank == 0:
-        model.save_pretrained(out)
+def save_artifact(ctx: Ctx, engine, out: Path) -> float:
+    """Write the method's artifact (a collective under ZeRO-3); its size in MB, the same on every rank."""
+    METHODS[ctx.cfg.method].save(ctx, engine, out)
+    size = [dir_mb(out) if ctx.rank == 0 else 0.0]
+    if ctx.world > 1:
+        dist.broadcast_object_list(size, src=0)
+    return size[0]
 
 
 def cost(cfg: TrialConfig, seconds: float, world: int) -> dict[str, float]:
@@ -271,15 +278,18 @@ def run(cfg: TrialConfig, rank: int, world: int, device, log=None, name: str = "
         "stage1_trainable_params": s1["trainable_params"],
         "stage2_trainable_params": sum(counts.values()),
         "peak_mem_gb": float(peak_t.item()),
+        f"peak_{source}_gb": float(peak_t.item()),  # the same number, named by what it measures
         "samples_per_s": cfg.batch_size * cfg.stage2_steps / seconds,
         "final_train_loss": loss,
         "skipped_samples": skipped,
     })
-    ctx.say(f"score {result['score']:.1f}, {result['gpu_hours']:.2e} GPU-hours per node")
     with tempfile.TemporaryDirectory() as tmp:
-        save_adapter(ctx, engine, Path(tmp) / "adapter")  # a collective under ZeRO-3; rank 0 writes
+        artifact = Path(tmp) / METHODS[cfg.method].artifact
+        result["artifact_mb"] = save_artifact(ctx, engine, artifact)
+        ctx.say(f"score {result['score']:.1f}, {result['gpu_hours']:.2e} GPU-hours per node, "
+                f"{result['artifact_mb']:.2f} MB saved")
         if log is not None:
-            log.artifacts(Path(tmp) / "adapter", "adapter")
+            log.artifacts(artifact, artifact.name)
             log.finish(result, tags={"device": device_name(device), "peak_mem_source": source,
                                      "stage1_checkpoint": str(base), "world_size": world})
     return result

@@ -1,0 +1,29 @@
+"""Full fine-tuning: stage 2 trains the whole LLM and the projector (the paper's strongest, costliest row).
+
+Runs under ZeRO-2 or ZeRO-3; the artifact `model/` is a `save_pretrained` LLaVA
+checkpoint (ZeRO-3 shards gathered on save) that `from_pretrained` and lmms-eval load.
+"""
+
+from __future__ import annotations
+
+from trainables.methods.stages import FROZEN, FULL, Method
+
+STAGE2 = {"vision_tower": FROZEN, "projector": FULL, "llm": FULL}
+
+
+def load(base, cfg):
+    from trainables.model import load_llava
+
+    return load_llava(base, cfg)
+
+
+def save(ctx, engine, out) -> None:
+    from trainables.model import gathered_state
+
+    state = gathered_state(engine, ctx.cfg.zero_stage, ctx.rank)  # a collective under ZeRO-3
+    if ctx.rank == 0:
+        engine.module.save_pretrained(out, state_dict=state)
+        ctx.processor.save_pretrained(out)
+
+
+METHOD = Method("full", STAGE2, "model", load=load, save=save)

@@ -1,0 +1,102 @@
+"""Stages as data: which part of the model is frozen, adapted or fully trained, per stage and method.
+
+A method is a small table plus a few functions (STYLE.md, "stages are data"):
+`apply_stage` makes a model match a table, asserts that it does, and returns the
+trainable-parameter count per part, which the worker logs. Nothing else touches
+`requires_grad`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+FROZEN, LORA, ADAPTER, FULL = "frozen", "lora", "adapter", "full"
+# projector = LLaVA's 2-layer MLP; neck = MMA's visual neck and modality tokens (LaVIN), which replace it.
+PARTS = ("vision_tower", "projector", "neck", "llm")
+# LLaVA's stage 1 (feature alignment): only the projector learns, on captions.
+STAGE1 = {"vision_tower": FROZEN, "projector": FULL, "llm": FROZEN}
+# Which parameter names an adapted part may train (anything else in it stays frozen).
+ADAPTER_MARKS = {LORA: "lora_", ADAPTER: "mma_"}
+
+
+def _no_wrap(model, cfg):
+    return model
+
+
+@dataclass(frozen=True)
+class Method:
+    """One tuning method: its stage-2 table and the few functions that differ between methods.
+
+    load(base_dir, cfg) -> model       the stage-2 starting model (qlora: 4-bit base)
+    wrap(model, cfg) -> model          adds adapters (PEFT LoRA, MM-Adapters); marks them trainable
+    save(ctx, engine, out_dir)         writes the trial's artifact (a collective under ZeRO-3)
+    image_tokens(processor, cfg) -> n  placeholder tokens per image in the text
+    """
+    name: str
+    stage2: dict[str, str]
+    artifact: str  # the MLflow artifact folder: adapter/ (PEFT), model/ (HF LLaVA), mma/ (MM-Adapters)
+    load: Callable
+    save: Callable
+    wrap: Callable = _no_wrap
+    image_tokens: Callable | None = None  # None: one per vision patch, as LLaVA
+    two_stage: bool = True  # False: no stage-1 training (MMA is single-stage)
+    quantize_base: bool = False  # QLoRA = LoRA + this (decided in methods.qlora.quantization_config)
+
+    def problem(self, cfg) -> str | None:
+        """A setting this method cannot run with, as a one-line reason (None if fine)."""
+        if self.quantize_base and cfg.zero_stage == 3:
+            return (f"zero_stage=3 with method={self.name}: ZeRO-3 cannot shard bitsandbytes 4-bit weights; "
+                    "use zero_stage=2")
+        return None
+
+
+def part_of(param_name: str) -> str:
+    """Which part a parameter belongs to (names as transformers 5 / PEFT / our MMA write them)."""
+    if "mma_neck." in param_name:
+        return "neck"
+    if "vision_tower." in param_name:
+        return "vision_tower"
+    if "multi_modal_projector." in param_name:
+        return "projector"
+    if "language_model." in param_name or "lm_head." in param_name:
+        return "llm"
+    raise ValueError(f"parameter {param_name!r} belongs to no known LLaVA part")
+
+
+def apply_stage(model: torch.nn.Module, table: dict[str, str], cfg=None,
+                wrap: Callable = _no_wrap) -> tuple[torch.nn.Module, dict[str, int]]:
+    """Freeze everything, let `wrap` add adapters, train the FULL parts; return (model, counts per part)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model = wrap(model, cfg)
+    for name, p in model.named_parameters():
+        if table[part_of(name)] == FULL and "original_module" not in name:
+            p.requires_grad_(True)
+    return model, check_stage(model, table)
+
+
+def check_stage(model: torch.nn.Module, table: dict[str, str]) -> dict[str, int]:
+    """Assert the model trains exactly what `table` says; return trainable counts per part in the table."""
+    counts = {part: 0 for part in table}
+    for name, p in model.named_parameters():
+        part = part_of(name)
+        assert part in table, f"{name}: the model has a {part} but this stage's table does not say what it does"
+        mode = table[part]
+        if p.requires_grad:
+            counts[part] += p.numel()
+            ok = mode == FULL or (mode in ADAPTER_MARKS and ADAPTER_MARKS[mode] in name)
+            assert ok, f"{name} trains but {part} is {mode} in this stage"
+        elif mode == FULL:
+            assert "original_module" in name, f"{name} is frozen but {part} is fully trained in this stage"
+    for part, mode in table.items():
+        assert (counts[part] > 0) == (mode != FROZEN), f"{part} should be {mode}, trains {counts[part]} params"
+    return counts
+
+
+def dir_mb(path: Path) -> float:
+    """Size of what a trial saved (the paper's point: adapters are MBs, full checkpoints GBs)."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20
