@@ -1,9 +1,12 @@
 """Run a study: a Ray Tune search (Optuna) whose trials are Ray Train + DeepSpeed LLaVA tunings.
 
     python -m study.run search_spaces/lora.py [--smoke] [--num-samples N] [--max-concurrent K]
-        [--tracking-uri URI] [--experiment NAME] [--storage DIR] [--address ADDR] [--dry-run]
+        [--tracking-uri URI] [--experiment NAME] [--storage DIR] [--address ADDR]
+        [--data DIR [--skip-invalid]] [--dry-run]
 
-Exit 0 on success, 2 on bad input (one `error:` line naming the file / key / flag), 1 otherwise.
+Exit 0 on success, 2 on bad input (one `error:` line naming the file / record / key / flag), 1 otherwise.
+A `--data` dataset is checked whole before Ray starts (and by --dry-run): a bad record is
+bad input, unless --skip-invalid drops it (the study's MLflow run lists what was dropped).
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--experiment", help="MLflow experiment (default: the study's name)")
     p.add_argument("--storage", default="studies", help="Ray results and stage-1 cache (default ./studies)")
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help="Ray cluster (default: local)")
+    p.add_argument("--data", help="a LLaVA-format dataset directory instead of the synthetic world")
+    p.add_argument("--skip-invalid", action="store_true",
+                   help="drop the dataset's invalid records (logged as data/skipped.json) instead of stopping")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     args = p.parse_args(argv)
     for flag in ("num_samples", "max_concurrent"):
@@ -60,6 +66,35 @@ def plan(args, space) -> dict:
                 device="gpu" if example.use_gpu else "cpu", example=example)
 
 
+def check_data(args, space):
+    """Validate the dataset every trial will read (the whole of it, before Ray starts).
+
+    Returns its trainables.dataset.Report, or None for the synthetic world; raises
+    BadInput on any problem unless --skip-invalid may drop the records that have them.
+    """
+    from trainables import dataset
+
+    given = args.data or space.constants(args.smoke).get("data")
+    if not given:
+        if args.skip_invalid:
+            raise BadInput("--skip-invalid applies to a --data DIR dataset; the synthetic world has no invalid records")
+        return None
+    root = Path(given)
+    if not root.is_dir():
+        where = "--data" if args.data else f"{space.path}: data"
+        raise BadInput(f"{where} {given}: no such directory")
+    report = dataset.validate(root)
+    if report.fatal or (report.problems and not args.skip_invalid):
+        raise BadInput(report.first_error_line().removeprefix("error: "))
+    train = report.counts[dataset.REQUIRED]
+    if not train:
+        raise BadInput(f"{root / dataset.REQUIRED}: has no records to train on")
+    if train == sum(s["file"] == dataset.REQUIRED for s in report.skipped()):
+        raise BadInput(f"{root / dataset.REQUIRED}: none of its {train} records is valid, nothing is left to "
+                       f"train on (first: {report.first_error_line().removeprefix('error: ')})")
+    return report
+
+
 def _gpus() -> int:
     import torch
 
@@ -78,6 +113,23 @@ def print_plan(p: dict, space) -> None:
     print(f"  cost is logged per trial as gpu_hours (device-hours / {ex.devices_per_node} per node) and "
           f"dollars (${ex.price_per_node_hour}/node-hour)")
     print(f"  example trial: {ex}")
+    if p.get("data") is not None:
+        print_data(p["data"])
+
+
+def print_data(report, limit: int = 10) -> None:
+    files = ", ".join(f"{name} {n:,}" for name, n in report.counts.items())
+    print(f"  data: {report.root} ({files} records)")
+    skipped = report.skipped()
+    if not skipped:
+        print("  data: every record is valid")
+        return
+    print(f"  data: --skip-invalid drops {len(skipped)} of {sum(report.counts.values()):,} records:")
+    for s in skipped[:limit]:
+        rid = repr(s["id"]) if s["id"] is not None else f"#{s['index']}"
+        print(f"    {s['file']} record {rid}: {'; '.join(s['reasons'])}")
+    if len(skipped) > limit:
+        print(f"    ... and {len(skipped) - limit} more")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
 
         space = spaces.load(args.space)
         p = plan(args, space)
+        p["data"] = check_data(args, space)
     except (BadInput, SpaceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

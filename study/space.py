@@ -7,6 +7,7 @@ A space file declares (all optional but SPACE):
     SPACE = {"lr": loguniform(1e-4, 3e-3), "lora_rank": choice([8, 16, 64]), ...}
     SMOKE = {"stage2_steps": 20}   # overrides for --smoke (the smallest budget that runs everything)
     NUM_SAMPLES, MAX_CONCURRENT, METRIC = "score", MODE = "max", SEED
+    SAMPLER = "tpe"                # or "grid" (every combination of choice() values, e.g. Table 3) or "random"
 
 Keys of FIXED / SPACE / SMOKE are TrialConfig fields, and every value a space can
 produce is checked against TrialConfig's ranges here, so a typo or a bad range is an
@@ -24,7 +25,9 @@ from typing import Any
 
 from trainables.config import ConfigError, TrialConfig
 
-STUDY_NAMES = {"NAME", "FIXED", "SPACE", "SMOKE", "NUM_SAMPLES", "MAX_CONCURRENT", "METRIC", "MODE", "SEED"}
+STUDY_NAMES = {"NAME", "FIXED", "SPACE", "SMOKE", "NUM_SAMPLES", "MAX_CONCURRENT", "METRIC", "MODE", "SEED",
+               "SAMPLER"}
+SAMPLERS = ("tpe", "grid", "random")
 
 
 class SpaceError(ValueError):
@@ -131,6 +134,20 @@ class Space:
     metric: str = "score"
     mode: str = "max"
     seed: int = 0
+    sampler: str = "tpe"
+
+    def optuna_sampler(self):
+        """TPE by default; a grid walks every combination of the choice() values (a factorial study)."""
+        import optuna
+
+        if self.sampler == "grid":
+            return optuna.samplers.GridSampler({k: list(v.values) for k, v in self.space.items()}, seed=self.seed)
+        if self.sampler == "random":
+            return optuna.samplers.RandomSampler(seed=self.seed)
+        return optuna.samplers.TPESampler(seed=self.seed, n_startup_trials=4)
+
+    def grid_size(self) -> int:
+        return math.prod(len(v.values) for v in self.space.values())
 
     def constants(self, smoke: bool = False) -> dict:
         return {**self.fixed, **(self.smoke if smoke else {})}
@@ -179,7 +196,8 @@ def load(path: str | Path) -> Space:
     space = Space(path=path, name=str(ns.get("NAME", path.stem)), fixed=dict(ns.get("FIXED", {})),
                   space=dict(ns["SPACE"]), smoke=dict(ns.get("SMOKE", {})),
                   num_samples=ns.get("NUM_SAMPLES", 8), max_concurrent=ns.get("MAX_CONCURRENT"),
-                  metric=ns.get("METRIC", "score"), mode=ns.get("MODE", "max"), seed=ns.get("SEED", 0))
+                  metric=ns.get("METRIC", "score"), mode=ns.get("MODE", "max"), seed=ns.get("SEED", 0),
+                  sampler=ns.get("SAMPLER", "tpe"))
     validate(space)
     return space
 
@@ -188,6 +206,12 @@ def validate(space: Space) -> None:
     path = space.path
     if space.mode not in ("max", "min"):
         raise SpaceError(f"{path}: MODE={space.mode!r} should be 'max' or 'min'")
+    if space.sampler not in SAMPLERS:
+        raise SpaceError(f"{path}: SAMPLER={space.sampler!r} should be one of {', '.join(SAMPLERS)}")
+    if space.sampler == "grid":
+        odd = [k for k, v in space.space.items() if not isinstance(v, Choice)]
+        if odd:
+            raise SpaceError(f"{path}: SPACE[{odd[0]!r}]: SAMPLER='grid' needs choice() values for every key")
     if not isinstance(space.num_samples, int) or space.num_samples < 1:
         raise SpaceError(f"{path}: NUM_SAMPLES={space.num_samples!r} should be a positive integer")
     for section in ("fixed", "space", "smoke"):

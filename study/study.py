@@ -27,8 +27,33 @@ def _cluster_concurrency(p: dict) -> int:
     return max(1, devices // (p["workers_per_trial"] * (1 if p["device"] == "gpu" else p["cpus_per_worker"])))
 
 
+def trial_data(report, storage: Path) -> Path:
+    """The dataset directory every trial reads (absolute: Ray moves workers' working directories).
+
+    With records to drop (--skip-invalid), a filtered copy under the study's storage,
+    named by the dataset's fingerprint so a rerun reuses it.
+    """
+    from trainables import dataset
+
+    skipped = report.skipped()
+    if not skipped:
+        return report.root.resolve()
+    out = dataset.write_filtered(report.root, report, storage / "data" / report.fingerprint())
+    print(f"data: dropped {len(skipped)} of {sum(report.counts.values()):,} records (--skip-invalid); "
+          f"trials read {out}, the dropped ids and reasons are in {out / dataset.SKIPPED}")
+    return out
+
+
+def log_skipped(client, parent: str, report, data: Path) -> None:
+    """On the study's run: how many records were dropped, and which and why (artifact data/skipped.json)."""
+    from trainables import dataset
+
+    client.log_metric(parent, "skipped_records", len(report.skipped()))
+    if (data / dataset.SKIPPED).is_file():
+        client.log_artifact(parent, str(data / dataset.SKIPPED), "data")
+
+
 def run_study(args, space, p: dict) -> int:
-    import optuna
     from mlflow.tracking import MlflowClient
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
@@ -38,27 +63,37 @@ def run_study(args, space, p: dict) -> int:
     from study import tracking, zoo
     from trainables.driver import StudyContext, run_trial
 
-    if not space.fixed.get("data"):
+    report = p.get("data")  # the checked --data dataset (trainables.dataset.Report), or None: the world
+    if report is None:
         zoo.ensure_world()
     zoo.ensure_zoo()
     storage = Path(args.storage).resolve()
     storage.mkdir(parents=True, exist_ok=True)
+    data = trial_data(report, storage) if report is not None else None
     uri = tracking.resolve_uri(args.tracking_uri)
     client = MlflowClient(uri)
     exp_id = tracking.ensure_experiment(client, p["study"], uri)
     settings = {"space_file": str(space.path), "num_samples": p["num_samples"], "smoke": args.smoke,
                 "max_concurrent": p["max_concurrent"], "storage": str(storage), **{
                     f"space.{k}": repr(v) for k, v in space.space.items()}}
+    if report is not None:
+        settings.update({"data": str(report.root.resolve()), "skip_invalid": args.skip_invalid,
+                         "data_read": str(data)})
     parent = tracking.start_study_run(client, exp_id, p["study"], settings)
+    if report is not None:
+        log_skipped(client, parent, report, data)
 
     _ray_init(args.address)
     if args.address and not (args.max_concurrent or space.max_concurrent):
         p["max_concurrent"] = _cluster_concurrency(p)
     study_ctx = StudyContext(tracking_uri=uri, experiment_id=exp_id, storage=str(storage),
                              cpus_per_worker=p["cpus_per_worker"])
+    if data is not None:  # what was checked (and maybe filtered) is what every trial reads, smoke or not
+        space.fixed = {**space.fixed, "data": str(data)}
+        space.smoke = {k: v for k, v in space.smoke.items() if k != "data"}
     space.fixed = {**space.fixed, "storage": str(storage)}
     searcher = OptunaSearch(space=space.define_by_run(args.smoke), metric=space.metric, mode=space.mode,
-                            sampler=optuna.samplers.TPESampler(seed=space.seed, n_startup_trials=4))
+                            sampler=space.optuna_sampler())
     trainable = tune.with_resources(tune.with_parameters(run_trial, study=study_ctx), {"CPU": 0, "memory": 256 * 2**20})
     # ^ the trial's driver only waits on its TorchTrainer: no CPU, so the workers can have them all
     tuner = tune.Tuner(

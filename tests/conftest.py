@@ -1,4 +1,4 @@
-"""Shared fixtures: the real zoo and world (built once, cached like a user's), a one-rank process group."""
+"""Shared fixtures: the real zoo and world (built once, cached like a user's), a one-rank process group, a small dataset."""
 
 import os
 import socket
@@ -24,3 +24,36 @@ def process_group():
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         dist.init_process_group("gloo", rank=0, world_size=1)
     yield
+
+
+def llava_record(rid, question="What color is the square?", answer="red", image="r0.png") -> dict:
+    """One LLaVA-format record; `image=None` makes it language-only."""
+    prompt = f"<image>\n{question}" if image else question
+    rec = {"id": rid, "conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}]}
+    return {"id": rid, "image": image, **rec} if image else rec
+
+
+@pytest.fixture
+def dataset_dir(tmp_path):
+    """A small valid dataset in the DESIGN.md format, every image a real PNG: train.json (4 image
+    records + 1 language-only), eval.json (2), captions.json (2), text.json (2), text_eval.json (1)."""
+    import json
+
+    from PIL import Image
+
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    for i, color in enumerate([(220, 40, 40), (40, 80, 220), (40, 170, 60), (230, 210, 40)]):
+        Image.new("RGB", (24, 24), color).save(root / "images" / f"r{i}.png")
+    files = {
+        "train.json": [llava_record(f"t{i}", image=f"r{i}.png") for i in range(4)]
+        + [llava_record("t-text", "What number comes after two?", "three", image=None)],
+        "eval.json": [llava_record(f"e{i}", image=f"r{i}.png") for i in range(2)],
+        "captions.json": [llava_record(f"c{i}", "Describe the image briefly.", "a square.", f"r{i}.png")
+                          for i in range(2)],
+        "text.json": [llava_record(f"x{i}", "What is the opposite of up?", "down", None) for i in range(2)],
+        "text_eval.json": [llava_record("y0", "What is the opposite of left?", "right", None)],
+    }
+    for name, records in files.items():
+        (root / name).write_text(json.dumps(records, indent=1))
+    return root

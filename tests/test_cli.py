@@ -1,5 +1,6 @@
-"""Bad flags and bad space files: exit 2, one `error:` line naming the culprit, before Ray starts."""
+"""Bad flags, space files and data: exit 2, one `error:` line naming the culprit, before Ray starts."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -41,3 +42,88 @@ def test_dry_run_prints_the_plan(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "5 trials" in r.stdout and "lora_rank" in r.stdout
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_bad_data_exits_2_naming_file_and_record_before_ray(dataset_dir, tmp_path):
+    # a missing image and a corrupt one (garbage bytes under a .png name)
+    # (train.json's records t1 and t2 use them; eval and captions are emptied so that only those two are bad)
+    (dataset_dir / "images" / "r1.png").unlink()
+    (dataset_dir / "images" / "r2.png").write_bytes(b"garbage, not a PNG")
+    (dataset_dir / "eval.json").write_text("[]")
+    (dataset_dir / "captions.json").write_text("[]")
+    r = run(LORA, "--data", str(dataset_dir), "--dry-run", cwd=tmp_path)
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0] == (f"error: {dataset_dir / 'train.json'} record 't1': image images/r1.png does not exist "
+                        "(and 1 more problem; --skip-invalid drops the 2 bad records)")
+    assert r.stdout == "" and not (tmp_path / "studies").exists() and not (tmp_path / "mlflow.db").exists()
+
+    r = run(LORA, "--data", str(dataset_dir), "--skip-invalid", "--dry-run", cwd=tmp_path)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert "--skip-invalid drops 2 of 8 records:" in r.stdout
+    assert "train.json record 't1': image images/r1.png does not exist\n" in r.stdout
+    assert "train.json record 't2': image images/r2.png is not an image file PIL can read\n" in r.stdout
+    assert not (tmp_path / "studies").exists()  # a dry run writes no filtered copy
+
+
+def test_a_clean_dataset_is_reported_in_the_plan(dataset_dir, tmp_path):
+    r = run(LORA, "--data", str(dataset_dir), "--dry-run", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert f"data: {dataset_dir} (train.json 5, eval.json 2" in r.stdout and "every record is valid" in r.stdout
+
+
+@pytest.mark.parametrize("flags, culprit", [
+    (["--data", "no_such_dir"], "--data no_such_dir: no such directory"),
+    (["--skip-invalid"], "--skip-invalid applies to a --data DIR dataset"),
+])
+def test_bad_data_flags(flags, culprit, tmp_path):
+    r = run(LORA, *flags, "--dry-run", cwd=tmp_path)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and culprit in lines[0], r.stderr
+
+
+def test_a_file_that_does_not_parse_stops_even_with_skip_invalid(dataset_dir, tmp_path):
+    (dataset_dir / "train.json").write_text('[{"id": "a",}]')
+    r = run(LORA, "--data", str(dataset_dir), "--skip-invalid", "--dry-run", cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"error: {dataset_dir / 'train.json'}: line 1 column 13: not valid JSON: " \
+                               "Expecting property name enclosed in double quotes"
+
+
+def test_skip_invalid_with_nothing_left_to_train_on(dataset_dir, tmp_path):
+    for png in (dataset_dir / "images").iterdir():
+        png.unlink()
+    records = json.loads((dataset_dir / "train.json").read_text())
+    (dataset_dir / "train.json").write_text(json.dumps([r for r in records if "image" in r]))
+    r = run(LORA, "--data", str(dataset_dir), "--skip-invalid", "--dry-run", cwd=tmp_path)
+    assert r.returncode == 2 and "none of its 4 records is valid" in r.stderr, r.stderr
+
+
+def test_skip_invalid_gives_trials_a_filtered_copy_and_logs_what_it_dropped(dataset_dir, tmp_path):
+    """The part of run_study before Ray starts: the copy trials read, and the study run's records of it."""
+    from mlflow.tracking import MlflowClient
+
+    from study import tracking
+    from study.study import log_skipped, trial_data
+    from trainables import dataset
+
+    clean = dataset.validate(dataset_dir)
+    assert trial_data(clean, tmp_path / "studies") == dataset_dir.resolve()
+    (dataset_dir / "images" / "r3.png").unlink()
+    report = dataset.validate(dataset_dir)
+    data = trial_data(report, tmp_path / "studies")
+    assert data == tmp_path / "studies" / "data" / report.fingerprint() and data.is_absolute()
+    assert [r["id"] for r in json.loads((data / "train.json").read_text())] == ["t0", "t1", "t2", "t-text"]
+
+    uri = tracking.resolve_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(uri)
+    exp = tracking.ensure_experiment(client, "skip", uri)
+    parent = tracking.start_study_run(client, exp, "skip", {"space_file": "lora.py"})
+    log_skipped(client, parent, report, data)
+    run_ = client.get_run(parent)
+    assert run_.data.metrics["skipped_records"] == 1 and run_.data.params["space_file"] == "lora.py"
+    local = Path(client.download_artifacts(parent, "data/skipped.json", str(tmp_path / "dl")))
+    assert json.loads(local.read_text()) == [{"file": "train.json", "id": "t3", "index": 3,
+                                              "reasons": ["image images/r3.png does not exist"]}]

@@ -52,3 +52,18 @@ def test_batches_are_disjoint_across_ranks():
     r1 = list(D.batches(10, 4, 1, 2, seed=1, steps=5))
     for a, b in zip(r0, r1):
         assert len(a) == len(b) == 2 and not set(a) & set(b)
+
+
+def test_pad_to_square_uses_the_mean_colour(zoo_ready):
+    from PIL import Image
+
+    from trainables.config import TrialConfig
+    from trainables.data import square
+    from trainables.model import build_processor
+
+    processor = build_processor(TrialConfig(model_size="0.3m"))
+    wide = Image.new("RGB", (40, 20), (255, 0, 0))
+    padded = square(wide, processor, "pad")
+    mean = tuple(round(255 * m) for m in processor.image_processor.image_mean)
+    assert padded.size == (40, 40) and padded.getpixel((0, 0)) == mean and padded.getpixel((20, 20)) == (255, 0, 0)
+    assert square(wide, processor, "resize") is wide

@@ -56,4 +56,7 @@ def test_stage2_lora_leaves_base_weights_untouched(trial):
         assert torch.equal(p.detach(), base_state[key]), f"{name} changed in stage 2"
     assert counts["vision_tower"] == 0 and counts["llm"] == sum(p.numel() for p in lora.values())
     assert counts["projector"] == meta["trainable_params"]
-    assert 0 <= worker.evaluate(ctx, engine) <= 100
+    scores = worker.evaluate(ctx, engine)
+    assert set(scores) == {"score", "text_score", "multiple_choice", "unparsed"}
+    assert 0 <= scores["score"] <= 100 and 0 <= scores["text_score"] <= 100
+    assert scores["multiple_choice"] == scores["unparsed"] == 0  # the world asks short-answer questions

@@ -32,6 +32,8 @@ class TrialConfig:
     vision_tower: str = _doc("vision tower id or path; empty = the zoo tower at image_size", default="")
     image_size: int = _doc("input resolution of the vision tower (zoo: 32 or 48; CLIP-L: 224 or 336)",
                            default=32)
+    image_aspect: str = _doc("non-square images: 'pad' to square with the mean colour (LLaVA's default) "
+                             "or 'resize'", default="pad")
     lora_rank: int = _doc("LoRA rank r", default=16)
     lora_alpha: float = _doc("LoRA alpha (scaling = alpha / rank); the paper found 2 x rank best", default=32.0)
     lora_dropout: float = _doc("dropout on the LoRA branch", default=0.05)
@@ -75,6 +77,7 @@ class TrialConfig:
             "method": self.method in METHODS,
             "model_size": self.model_size in LLM_SIZES or "/" in self.model_size,
             "image_size": self.image_size >= 8,
+            "image_aspect": self.image_aspect in ("pad", "resize"),
             "lora_rank": self.lora_rank > 0,
             "lora_alpha": self.lora_alpha > 0,
             "lora_dropout": 0 <= self.lora_dropout < 1,

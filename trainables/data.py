@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 ROLES = {"human": "user", "gpt": "assistant"}
 
@@ -41,8 +41,18 @@ def messages(conversations: list[dict]) -> list[dict]:
     return [{"role": ROLES[turn["from"]], "content": turn["value"]} for turn in conversations]
 
 
+def square(image: Image.Image, processor, aspect: str) -> Image.Image:
+    """LLaVA's image_aspect_ratio: "pad" to a square with the processor's mean colour (so the
+    centre crop keeps the whole image), or "resize" (leave it to the processor's resize + crop)."""
+    if aspect == "resize" or image.width == image.height:
+        return image
+    mean = tuple(round(255 * m) for m in processor.image_processor.image_mean)
+    side = max(image.size)
+    return ImageOps.pad(image, (side, side), color=mean)
+
+
 def encode(records: list[dict], processor, root: Path, max_length: int, for_generation: bool = False,
-           image_tokens: int | None = None) -> Encoded:
+           image_tokens: int | None = None, image_aspect: str = "pad") -> Encoded:
     """Tokenize records with the chat template; `for_generation` keeps the prompt only.
 
     `image_tokens` placeholders stand for each image (default: one per vision patch,
@@ -98,7 +108,8 @@ def encode(records: list[dict], processor, root: Path, max_length: int, for_gene
         out.answers.append(answer)
         if "image" in rec:
             out.image_index.append(len(images))
-            images.append(Image.open(Path(root) / "images" / rec["image"]).convert("RGB"))
+            image = Image.open(Path(root) / "images" / rec["image"]).convert("RGB")
+            images.append(square(image, processor, image_aspect))
         else:
             out.image_index.append(-1)
     if images:

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from trainables import data as D
 from trainables.config import TrialConfig
-from trainables.evaluate import score
+from trainables.evaluate import question_texts, score_details
 from trainables.methods import METHODS, STAGE1, apply_stage, check_stage, dir_mb
 
 
@@ -38,12 +38,16 @@ class Ctx:
     image_tokens: int | None = None  # placeholders per image; None = one per vision patch (LLaVA)
 
     def encode(self, name: str, for_generation: bool = False, limit: int = 0) -> D.Encoded:
-        """One split of the trial's dataset, tokenized for this trial's model and method."""
-        records = D.read_records(self.root, name)
-        if limit:
-            records = records[:limit]
-        return D.encode(records, self.processor, self.root, self.cfg.max_length, for_generation,
-                        image_tokens=self.image_tokens)
+        """One split of the trial's dataset, tokenized for this trial's model and method (shared shards)."""
+        from trainables import shards
+
+        storage = Path(self.cfg.storage) if self.cfg.storage else None
+        data, hit, seconds = shards.encoded(self.root, name, self.processor, self.cfg.max_length, storage,
+                                            for_generation, self.image_tokens, limit, self.cfg.image_aspect)
+        if data.ids:
+            self.say(f"{name}: {len(data.ids)} samples {'from the shard cache' if hit else 'preprocessed'} "
+                     f"in {seconds:.1f} s")
+        return data
 
     def say(self, msg: str) -> None:
         if self.rank == 0:
@@ -236,11 +240,23 @@ def peak_memory_gb(device) -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "rss"
 
 
-def evaluate(ctx: Ctx, engine) -> float:
+def evaluate(ctx: Ctx, engine) -> dict[str, float]:
+    """`score` on the held-out multimodal split (with how many multiple-choice answers named no
+    option: `unparsed`) and, where the dataset has one, `text_score` on its language-only split:
+    whether tuning kept the LLM's text skill (the paper's data-mixing question)."""
     cfg = ctx.cfg
-    held_out = ctx.encode("eval.json", for_generation=True, limit=cfg.eval_samples)
-    return score(engine.module, held_out, ctx.processor.tokenizer, cfg.max_new_tokens, ctx.device,
-                 ctx.rank, ctx.world, synced=cfg.zero_stage == 3)
+    result = {}
+    for metric, split in (("score", "eval.json"), ("text_score", "text_eval.json")):
+        held_out = ctx.encode(split, for_generation=True, limit=cfg.eval_samples)
+        if not held_out.ids and metric != "score":
+            continue
+        found = score_details(engine.module, held_out, ctx.processor.tokenizer, cfg.max_new_tokens, ctx.device,
+                              ctx.rank, ctx.world, synced=cfg.zero_stage == 3,
+                              questions=question_texts(D.read_records(ctx.root, split)))
+        result[metric] = found.score
+        if metric == "score":
+            result.update(multiple_choice=found.multiple_choice, unparsed=found.unparsed)
+    return result
 
 
 def save_artifact(ctx: Ctx, engine, out: Path) -> float:
@@ -264,7 +280,7 @@ def run(cfg: TrialConfig, rank: int, world: int, device, log=None, name: str = "
     ctx = setup(cfg, rank, world, device, log, name)
     base, s1 = stage1(ctx)
     engine, counts, seconds, loss, skipped = stage2(ctx, base)
-    result = {"score": evaluate(ctx, engine)}
+    result = evaluate(ctx, engine)
     peak, source = peak_memory_gb(device)
     peak_t = torch.tensor([peak], dtype=torch.float64)
     if world > 1:
