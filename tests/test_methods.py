@@ -192,3 +192,25 @@ def test_export_refuses_bad_runs_by_name(zoo_ready, tmp_path, capsys):
     assert "run nope: no such run" in capsys.readouterr().err
     assert export.main([parent, "--out", str(tmp_path / "o"), "--tracking-uri", uri]) == 2
     assert f"run {parent}: has no 'method' param" in capsys.readouterr().err
+
+
+def test_export_keeps_mma_with_its_loader(zoo_ready, process_group, tmp_path):
+    from trainables.methods.mma import MMAModel
+
+    cfg = TrialConfig(method="mma", model_size="0.3m", batch_size=8, lr=1e-2, neck_every=1,
+                      storage=str(tmp_path / "storage"))
+    ctx = worker.setup(cfg, 0, 1, torch.device("cpu"))
+    base, meta = worker.stage1(ctx)
+    assert meta["trainable_params"] == 0, "MMA is single-stage"
+    m = METHODS["mma"]
+    model, _ = apply_stage(m.load(base, cfg), m.stage2, cfg, m.wrap)
+    data = ctx.encode("train.json", limit=8)
+    engine, _, _ = worker.train(ctx, model, worker.param_groups(model, cfg), data, 3, "stage2")
+    out, _ = _save(ctx, engine, tmp_path / "trial")
+    uri, run_id = _logged_trial(tmp_path, cfg, out)
+    assert export.main([run_id, "--out", str(tmp_path / "export"), "--tracking-uri", uri]) == 0
+    moved = tmp_path / "moved"
+    (tmp_path / "export").rename(moved)  # the exported folder is self-contained
+    loaded = MMAModel.from_pretrained(moved / "mma")
+    batch = D.collate(data, list(range(8)), ctx.processor.tokenizer.pad_token_id)
+    assert torch.allclose(logits(loaded, batch), logits(engine.module, batch), atol=ATOL)

@@ -42,6 +42,9 @@ def test_alpha_as_multiple_of_rank(tmp_path):
     ("FIXED = {}", "SPACE"),
     ("SPACE = {'lr': 1e-3}", "lr"),
     ("SPACE = {'lr': (", "does not parse"),
+    ("SPACE = {'zero_stage': choice([2, 3])}\nFIXED = {'method': 'qlora'}", "zero_stage=3 with method=qlora"),
+    ("SPACE = {'method': choice(['lora', 'qlora'])}\nFIXED = {'zero_stage': 3}", "zero_stage=3 with method=qlora"),
+    ("SPACE = {'adapter_dim': choice([0, 8])}\nFIXED = {'method': 'mma'}", "adapter_dim"),
 ])
 def test_bad_space_files_name_the_key(tmp_path, body, culprit):
     f = tmp_path / "bad.py"
@@ -49,3 +52,20 @@ def test_bad_space_files_name_the_key(tmp_path, body, culprit):
     with pytest.raises(spaces.SpaceError, match=culprit) as e:
         spaces.load(f)
     assert str(f) in str(e.value)
+
+
+def test_grid_sampler_walks_every_combination(tmp_path):
+    import optuna
+
+    space = spaces.load(Path(__file__).parent.parent / "search_spaces" / "scaling.py")
+    assert space.sampler == "grid" and space.grid_size() == space.num_samples == 12
+    study = optuna.create_study(sampler=space.optuna_sampler())
+    study.optimize(lambda trial: (space.define_by_run()(trial), 0.0)[1], n_trials=20)  # the grid stops it
+    assert len({tuple(sorted(t.params.items())) for t in study.trials}) == len(study.trials) == 12
+
+
+def test_grid_needs_choices(tmp_path):
+    f = tmp_path / "g.py"
+    f.write_text("from study.space import loguniform\nSAMPLER = 'grid'\nSPACE = {'lr': loguniform(1e-4, 1e-3)}\n")
+    with pytest.raises(spaces.SpaceError, match="SAMPLER='grid' needs choice"):
+        spaces.load(f)

@@ -11,7 +11,8 @@ REPO = Path(__file__).parent.parent
 TRIAL_PARAMS = ("method", "model_size", "lr", "lora_rank", "lora_alpha", "image_size", "mix_ratio", "batch_size",
                 "stage1_steps", "stage2_steps", "num_workers", "zero_stage", "seed")
 TRIAL_METRICS = ("score", "gpu_hours", "dollars", "trainable_params", "peak_mem_gb", "samples_per_s",
-                 "stage1_gpu_hours", "stage2_gpu_hours", "stage1_trainable_params", "stage2_trainable_params")
+                 "stage1_gpu_hours", "stage2_gpu_hours", "stage1_trainable_params", "stage2_trainable_params",
+                 "artifact_mb")
 
 pytestmark = pytest.mark.slow
 
@@ -94,3 +95,77 @@ def test_two_worker_trial_is_data_parallel(tmp_path):
     assert run.info.status == "FINISHED"
     assert run.data.tags["world_size"] == "2" and run.data.params["num_workers"] == "2"
     assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 6
+
+
+def test_every_method_through_the_main_command_and_export(tmp_path):
+    """full, qlora and mma trials in one study: each saves its own artifact and reports its cost."""
+    space = tmp_path / "methods.py"
+    space.write_text(
+        "from study.space import choice\n"
+        "NAME = 'methods'\n"
+        "SAMPLER = 'grid'\n"
+        "FIXED = {'model_size': '0.3m', 'mix_ratio': 0.2, 'neck_every': 1}\n"
+        "SPACE = {'method': choice(['full', 'qlora', 'mma'])}\n"
+        "SMOKE = {'stage1_steps': 4, 'stage2_steps': 6, 'batch_size': 8, 'eval_samples': 16}\n")
+    study(space, tmp_path, "--num-samples", "3", "--max-concurrent", "2")
+    client, parents, trials = runs_of(tmp_path, "methods")
+    assert all(t.info.status == "FINISHED" for t in trials)
+    by_method = {t.data.params["method"]: t for t in trials}
+    assert set(by_method) == {"full", "qlora", "mma"}, f"methods sampled: {sorted(by_method)}"
+    artifacts = {"full": "model", "qlora": "adapter", "mma": "mma"}
+    for method, run in by_method.items():
+        files = {Path(f.path).name for f in client.list_artifacts(run.info.run_id, artifacts[method])}
+        assert files and all(not f.endswith((".bin", ".pt", ".pkl")) for f in files), (method, files)
+        assert run.data.metrics["artifact_mb"] > 0
+    m = {k: run.data.metrics for k, run in by_method.items()}
+    assert m["full"]["trainable_params"] > m["qlora"]["trainable_params"] > m["mma"]["trainable_params"]
+    assert m["full"]["artifact_mb"] > m["qlora"]["artifact_mb"] > m["mma"]["artifact_mb"]
+    assert m["mma"]["stage1_trainable_params"] == 0 and m["mma"]["stage1_gpu_hours"] == 0
+    assert by_method["mma"].data.params["adapter_dim"] == "8"
+
+    out = tmp_path / "exported"
+    r = subprocess.run([sys.executable, "-m", "study.export", by_method["qlora"].info.run_id, "--out", str(out),
+                        "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    from transformers import LlavaForConditionalGeneration
+
+    merged = LlavaForConditionalGeneration.from_pretrained(out)
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
+
+
+def test_foreign_dataset_with_bad_records_trains_with_skip_invalid(tmp_path, dataset_dir):
+    """A LLaVA-format dataset written without our code, plus a missing and a corrupt image."""
+    import json
+
+    train = json.loads((dataset_dir / "train.json").read_text())
+    train += [{"id": "gone-1", "image": "missing.png",
+               "conversations": [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"}]},
+              {"id": "broken-2", "image": "broken.png",
+               "conversations": [{"from": "human", "value": "<image>\nWhat shape?"}, {"from": "gpt", "value": "a"}]}]
+    (dataset_dir / "train.json").write_text(json.dumps(train))
+    (dataset_dir / "images" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    space = REPO / "search_spaces" / "lora.py"
+    r = subprocess.run([sys.executable, "-m", "study.run", str(space), "--smoke", "--data", str(dataset_dir)],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "train.json" in r.stderr and ("gone-1" in r.stderr or "broken-2" in r.stderr)
+    assert not (tmp_path / "mlflow.db").exists(), "refused input must not start a study"
+
+    study(space, tmp_path, "--num-samples", "1", "--data", str(dataset_dir), "--skip-invalid")
+    client, parents, trials = runs_of(tmp_path, "lora")
+    (parent,), (trial,) = parents, trials
+    assert parent.data.metrics["skipped_records"] == 2
+    skipped = Path(client.download_artifacts(parent.info.run_id, "data", str(tmp_path / "dl")))
+    assert {s["id"] for s in json.loads(next(skipped.glob("*.json")).read_text())} >= {"gone-1", "broken-2"}
+    assert trial.info.status == "FINISHED" and trial.data.params["data"] != str(dataset_dir)
+    assert "text_score" in trial.data.metrics
+
+
+def test_smoke_scaling_grid(tmp_path):
+    study(REPO / "search_spaces" / "scaling.py", tmp_path, "--num-samples", "2")
+    client, parents, trials = runs_of(tmp_path, "scaling")
+    assert len(trials) == 2 and all(t.info.status == "FINISHED" for t in trials)
+    combos = {(t.data.params["model_size"], t.data.params["image_size"], t.data.params["mix_ratio"]) for t in trials}
+    assert len(combos) == 2, "a grid never repeats a combination"
+    assert all("text_score" in t.data.metrics for t in trials)

@@ -6,15 +6,9 @@ checkpoint (ZeRO-3 shards gathered on save) that `from_pretrained` and lmms-eval
 
 from __future__ import annotations
 
-from trainables.methods.stages import FROZEN, FULL, Method
+from trainables.methods.stages import FROZEN, FULL, Method, load_base
 
 STAGE2 = {"vision_tower": FROZEN, "projector": FULL, "llm": FULL}
-
-
-def load(base, cfg):
-    from trainables.model import load_llava
-
-    return load_llava(base, cfg)
 
 
 def save(ctx, engine, out) -> None:
@@ -26,4 +20,4 @@ def save(ctx, engine, out) -> None:
         ctx.processor.save_pretrained(out)
 
 
-METHOD = Method("full", STAGE2, "model", load=load, save=save)
+METHOD = Method("full", STAGE2, "model", load=load_base, save=save)

@@ -7,7 +7,7 @@ checkpoint is GBs.
 
 from __future__ import annotations
 
-from trainables.methods.stages import FROZEN, FULL, LORA, Method
+from trainables.methods.stages import FROZEN, FULL, LORA, Method, load_base, save_adapter
 
 # The LLM's linear layers that LoRA adapts (all of them, as in the QLoRA / LLaVA-LoRA recipes).
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -34,24 +34,4 @@ def wrap(model, cfg):
     return get_peft_model(model, lora_config(cfg))  # marks LoRA weights and the projector copy trainable
 
 
-def load(base, cfg):
-    from trainables.model import load_llava
-
-    return load_llava(base, cfg)
-
-
-def save(ctx, engine, out) -> None:
-    """PEFT-format adapter; its base_model_name_or_path is the stage-1 LLaVA checkpoint."""
-    model = engine.module
-    if ctx.cfg.zero_stage == 3:
-        import deepspeed
-
-        trainable = [p for p in model.parameters() if p.requires_grad]  # gather the adapter only
-        with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):
-            if ctx.rank == 0:
-                model.save_pretrained(out)
-    elif ctx.rank == 0:
-        model.save_pretrained(out)
-
-
-METHOD = Method("lora", STAGE2, "adapter", load=load, save=save, wrap=wrap)
+METHOD = Method("lora", STAGE2, "adapter", load=load_base, save=save_adapter, wrap=wrap)

@@ -54,6 +54,28 @@ class Method:
         return None
 
 
+def load_base(base, cfg):
+    """The saved LLaVA (stage-1 result, or the assembled model for single-stage methods) to tune."""
+    from trainables.model import load_llava
+
+    return load_llava(base, cfg)
+
+
+def save_adapter(ctx, engine, out) -> None:
+    """The model's own `save_pretrained` of its trained weights only (PEFT adapter, MMA weights), from
+    rank 0; under ZeRO-3 only the trainable parameters are gathered, never the frozen base."""
+    model = engine.module
+    if ctx.cfg.zero_stage == 3:
+        import deepspeed
+
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):
+            if ctx.rank == 0:
+                model.save_pretrained(out)
+    elif ctx.rank == 0:
+        model.save_pretrained(out)
+
+
 def part_of(param_name: str) -> str:
     """Which part a parameter belongs to (names as transformers 5 / PEFT / our MMA write them)."""
     if "mma_neck." in param_name:
