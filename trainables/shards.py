@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -48,7 +46,7 @@ def key(root: Path, name: str, records: list[dict], processor, max_length: int, 
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-def write(data: D.Encoded, target: Path) -> None:
+def write(data: D.Encoded, tmp: Path) -> None:
     import pyarrow as pa
     from safetensors.torch import save_file
 
@@ -59,13 +57,11 @@ def write(data: D.Encoded, target: Path) -> None:
         "image_index": data.image_index,
         "answer": data.answers,
     })
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=target.name + ".tmp-"))
     with pa.OSFile(str(tmp / "samples.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
     if data.pixel_values is not None:
         save_file({"pixel_values": data.pixel_values.contiguous()}, str(tmp / "pixels.safetensors"))
     (tmp / "meta.json").write_text(json.dumps({"too_long": data.too_long}))
-    os.replace(tmp, target)
 
 
 def read(target: Path) -> D.Encoded:
@@ -85,7 +81,7 @@ def encoded(root: Path, name: str, processor, max_length: int, storage: Path | N
             image_tokens: int | None = None, limit: int = 0,
             image_aspect: str = "pad") -> tuple[D.Encoded, bool, float]:
     """(the split, encoded; whether it came from the cache; seconds spent). No storage: encode in memory."""
-    from filelock import FileLock
+    from trainables import cache
 
     t0 = time.perf_counter()
     records = D.read_records(root, name)
@@ -95,12 +91,11 @@ def encoded(root: Path, name: str, processor, max_length: int, storage: Path | N
                               image_tokens, image_aspect)
     if storage is None or not records:
         return encode(), False, time.perf_counter() - t0
-    shards = Path(storage) / "shards"
-    shards.mkdir(parents=True, exist_ok=True)
-    target = shards / key(root, name, records, processor, max_length, for_generation, image_tokens, limit,
+    target = Path(storage) / "shards" / key(root, name, records, processor, max_length, for_generation, image_tokens, limit,
                           image_aspect)
-    with FileLock(str(target) + ".lock"):
-        hit = (target / "meta.json").exists()
+    with cache.locked(target):
+        hit = target.exists()
         if not hit:
-            write(encode(), target)
+            with cache.building(target) as tmp:
+                write(encode(), tmp)
     return read(target), hit, time.perf_counter() - t0

@@ -8,6 +8,7 @@ before the last report, so nothing is lost if the trial actor is stopped after i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -151,55 +152,43 @@ def stage1_key(ctx: Ctx) -> str:
 def stage1(ctx: Ctx) -> tuple[Path, dict]:
     """The stage-1 LLaVA checkpoint (projector aligned on captions), computed once per key.
 
-    Rank 0 holds a file lock while the trial computes it, so a concurrent trial with
-    the same key waits and then reuses it; the result is renamed into place whole.
+    Rank 0 holds the key's lock while the trial computes it (trainables.cache), so a
+    concurrent trial with the same key waits and then reuses it; the checkpoint is
+    built in a temporary directory from the start and renamed into place whole.
     """
-    from filelock import FileLock, Timeout
-
+    from trainables import cache
     from trainables.model import build_llava, gathered_state
 
     cfg = ctx.cfg
-    storage = Path(cfg.storage or tempfile.gettempdir()) / "stage1"
-    target = storage / stage1_key(ctx)
-    lock = FileLock(str(target) + ".lock") if ctx.rank == 0 else None
-    if lock:
-        storage.mkdir(parents=True, exist_ok=True)
-        try:
-            lock.acquire(blocking=False)
-        except Timeout:
-            ctx.say(f"stage 1: another trial is computing {target.name}; waiting to reuse it")
-            lock.acquire()
-    try:
+    target = Path(cfg.storage or tempfile.gettempdir()) / "stage1" / stage1_key(ctx)
+    waiting = lambda: ctx.say(f"stage 1: another trial is computing {target.name}; waiting to reuse it")  # noqa
+    with cache.locked(target, waiting) if ctx.rank == 0 else contextlib.nullcontext():
         flag = [target.exists()]
         if ctx.world > 1:
             dist.broadcast_object_list(flag, src=0)
         if not flag[0]:
-            steps = stage1_steps(cfg)
-            ctx.say(f"stage 1: aligning the projector ({steps} steps), cached as {target.name}")
-            model = build_llava(cfg, ctx.processor)
-            model, counts = apply_stage(model, STAGE1)
-            seconds, loss, state = 0.0, float("nan"), model.state_dict()
-            if steps:
-                captions = ctx.encode("captions.json")
-                params = [p for p in model.parameters() if p.requires_grad]
-                engine, seconds, loss = train(ctx, model, [{"params": params, "lr": cfg.stage1_lr}], captions,
-                                              steps, "stage1")
-                state = gathered_state(engine, cfg.zero_stage, ctx.rank)
-                del engine
-            if ctx.rank == 0:
-                tmp = Path(tempfile.mkdtemp(dir=storage, prefix=target.name + ".tmp-"))
-                model.save_pretrained(tmp, state_dict=state)
-                ctx.processor.save_pretrained(tmp)
-                meta = dict(seconds=seconds, world=ctx.world, loss=loss,
-                            trainable_params=sum(counts.values()) if steps else 0)
-                (tmp / "stage1.json").write_text(json.dumps(meta))
-                os.replace(tmp, target)
-            del model
+            with cache.building(target) if ctx.rank == 0 else contextlib.nullcontext() as tmp:
+                steps = stage1_steps(cfg)
+                ctx.say(f"stage 1: aligning the projector ({steps} steps), cached as {target.name}")
+                model = build_llava(cfg, ctx.processor)
+                model, counts = apply_stage(model, STAGE1)
+                seconds, loss, state = 0.0, float("nan"), model.state_dict()
+                if steps:
+                    captions = ctx.encode("captions.json")
+                    params = [p for p in model.parameters() if p.requires_grad]
+                    engine, seconds, loss = train(ctx, model, [{"params": params, "lr": cfg.stage1_lr}], captions,
+                                                  steps, "stage1")
+                    state = gathered_state(engine, cfg.zero_stage, ctx.rank)
+                    del engine
+                if ctx.rank == 0:
+                    model.save_pretrained(tmp, state_dict=state)
+                    ctx.processor.save_pretrained(tmp)
+                    meta = dict(seconds=seconds, world=ctx.world, loss=loss,
+                                trainable_params=sum(counts.values()) if steps else 0)
+                    (tmp / "stage1.json").write_text(json.dumps(meta))
+                del model
         if ctx.world > 1:
             dist.barrier()
-    finally:
-        if lock:
-            lock.release()
     return target, json.loads((target / "stage1.json").read_text())
 
 
