@@ -28,12 +28,15 @@ COST_COLUMNS = ["gpu_hours", "dollars", "trainable_params", "peak_mem_gb", "arti
 # default is a leftover of the schema, so tables leave it blank instead of showing it.
 RANK_METHODS = {"lora", "qlora"}
 TABLE_COLUMNS = ["model_size", "method", "lora_rank", "lora_alpha", "lr", "score"] + COST_COLUMNS
+# Shown after the fixed columns when a study varies them (the resolution and data-mixing axes) or logs them.
+VARYING_COLUMNS = ["image_size", "mix_ratio", "adapter_dim", "router_temperature"]
+EXTRA_SCORES = ["text_score"]
 RUN_COLUMNS = ["run_id", "status", "parent_run_id", "study", "experiment"]
 
 # How each column reads in a table: tiny costs in scientific notation, counts with separators.
 FORMATS = {"lr": "{:.2e}", "gpu_hours": "{:.2e}", "stage1_gpu_hours": "{:.2e}", "stage2_gpu_hours": "{:.2e}",
            "dollars": "{:.4f}", "score": "{:.1f}", "score_best": "{:.1f}", "score_mean": "{:.1f}",
-           "score_std": "{:.1f}", "peak_mem_gb": "{:.2f}", "samples_per_s": "{:.0f}", "artifact_mb": "{:.2f}",
+           "score_std": "{:.1f}", "text_score": "{:.1f}", "peak_mem_gb": "{:.2f}", "samples_per_s": "{:.0f}", "artifact_mb": "{:.2f}",
            "trainable_params": "{:,.0f}", "lora_alpha": "{:g}", "mix_ratio": "{:g}"}
 
 
@@ -111,6 +114,10 @@ def format_table(df: pd.DataFrame, sort_by: str = "score") -> str:
     if df.empty:
         return "(no trials)"
     cols = [c for c in TABLE_COLUMNS if c in df.columns]
+    varying = [c for c in VARYING_COLUMNS if c in df.columns and df[c].nunique(dropna=True) > 1]
+    at = cols.index("score") + 1 if "score" in cols else len(cols)
+    cols[at:at] = [c for c in EXTRA_SCORES if c in df.columns and df[c].notna().any()]
+    cols = cols[:2] + varying + cols[2:]
     if "method" in df:
         no_rank = ~df["method"].isin(RANK_METHODS)
         df = df.assign(**{c: df[c].astype(object).mask(no_rank) for c in ("lora_rank", "lora_alpha") if c in df})
