@@ -64,6 +64,13 @@ class TrialConfig:
     num_workers: int = _doc("Ray Train workers (data-parallel ranks) per trial", default=1)
     use_gpu: bool = _doc("one GPU per worker (bf16) instead of the CPU (fp32)", default=False)
     zero_stage: int = _doc("DeepSpeed ZeRO stage: 2 (default) or 3", default=2)
+    checkpoint_every: int = _doc("stage-2 steps between checkpoints a restarted worker group resumes from "
+                                 "(trained weights, optimizer, scheduler, RNG, data position; 0 = never)",
+                                 default=50)
+    max_worker_failures: int = _doc("times Ray Train restarts a trial's worker group after a worker dies, "
+                                    "each from the last checkpoint, before the trial fails (0 = never; an "
+                                    "error of the trial itself, e.g. a diverging loss, is not trained again)",
+                                    default=2)
     devices_per_node: int = _doc("devices per node for GPU-hours per node (the paper: 8 A100s)", default=8)
     price_per_node_hour: float = _doc("dollars per node-hour", default=PAPER_PRICE_PER_NODE_HOUR)
     data: str = _doc("dataset directory (LLaVA format); empty = the synthetic world", default="")
@@ -99,6 +106,8 @@ class TrialConfig:
             "max_new_tokens": self.max_new_tokens > 0,
             "num_workers": self.num_workers > 0,
             "zero_stage": self.zero_stage in (2, 3),
+            "checkpoint_every": self.checkpoint_every >= 0,
+            "max_worker_failures": self.max_worker_failures >= 0,
             "devices_per_node": self.devices_per_node > 0,
             "price_per_node_hour": self.price_per_node_hour >= 0,
         }

@@ -4,10 +4,16 @@ Train V2 pattern: Tune no longer takes a trainer; each trial builds its own
 `TorchTrainer` with `TuneReportCallback`, which forwards rank 0's reported
 metrics to Tune (and so to the searcher). The trainer's name comes from the
 trial id (no timestamp), so a restored trial finds its own storage again.
+
+Worker failures are Ray Train's to handle: the trainer restarts its worker group up
+to `max_worker_failures` times, and the new workers resume stage 2 from the latest
+checkpoint (trainables.checkpoint); an error of the trial itself (a diverging loss)
+is raised again at once instead. Tune only sees the trial's final result.
 """
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,24 +29,52 @@ class StudyContext:
     cpus_per_worker: int = 1
 
 
+def final_report_callback():
+    """A `TuneReportCallback` that forwards the trial's final result only.
+
+    Every `ray.train.report` would reach Tune as an intermediate result, but the stage-2
+    checkpoint reports carry no `score` yet: Tune's strict metric checking fails a trial
+    whose result lacks the searcher's metric, and `OptunaSearch.on_trial_result` reads it.
+    Checkpoints are Ray Train's business (it restores workers from them), so reports that
+    carry one stay there; the final report has none, and it is the last.
+    """
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class FinalReportCallback(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if checkpoint is None:
+                super().after_report(run_context, metrics, checkpoint)
+
+    return FinalReportCallback()
+
+
 def run_trial(config: dict, study: StudyContext) -> None:
     import ray.tune
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from trainables.worker import train_loop
 
     cfg = trial_config(config)
     trial_id = ray.tune.get_context().get_trial_id()
+    name, storage = f"trial-{trial_id}", Path(study.storage) / "train"
     trainer = TorchTrainer(
         train_loop_per_worker=train_loop,
         train_loop_config={"trial": cfg.to_dict(), "trial_id": trial_id, "tracking_uri": study.tracking_uri,
-                           "experiment_id": study.experiment_id, "threads": study.cpus_per_worker},
+                           "experiment_id": study.experiment_id, "threads": study.cpus_per_worker,
+                           "run_dir": str(storage / name)},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=None if cfg.use_gpu else {"CPU": study.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-        run_config=RunConfig(name=f"trial-{trial_id}", storage_path=str(Path(study.storage) / "train"),
-                             callbacks=[TuneReportCallback()]),
+        run_config=RunConfig(name=name, storage_path=str(storage),
+                             callbacks=[final_report_callback()],
+                             failure_config=FailureConfig(max_failures=cfg.max_worker_failures),
+                             # Ray Train registers a checkpoint once every rank's shard is in, so the latest is whole.
+                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )
     trainer.fit()
+    # The trial is done and its results are in MLflow: its stage-2 checkpoints (for `full`, the whole
+    # LLM and its optimizer state) only served a restart, so they go. A failed trial keeps them.
+    for done in (storage / name).glob("checkpoint_*"):
+        if done.is_dir():  # not Ray Train's checkpoint_manager_snapshot.json, its record of them
+            shutil.rmtree(done, ignore_errors=True)

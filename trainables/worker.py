@@ -4,11 +4,14 @@ Runs on every Ray Train worker (one data-parallel rank each) under DeepSpeed,
 which reuses the process group Ray Train set up (gloo on CPU, NCCL on GPU).
 Rank 0 writes to the trial's MLflow run (per-step loss, final metrics, adapter)
 before the last report, so nothing is lost if the trial actor is stopped after it.
+Stage 2 is checkpointed every `checkpoint_every` steps (trainables.checkpoint); when
+a worker dies, Ray Train restarts the group and stage 2 resumes from the latest one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -90,9 +93,17 @@ def warmup_cosine(steps: int, warmup_ratio: float):
     return factor
 
 
-def train(ctx: Ctx, model, groups: list[dict], data: D.Encoded, steps: int, stage: str) -> tuple[object, float, float]:
-    """Train `steps` DeepSpeed steps on `data`; returns (engine, seconds, last mean loss)."""
+def train(ctx: Ctx, model, groups: list[dict], data: D.Encoded, steps: int, stage: str,
+          saver=None, resume: Path | None = None) -> tuple[object, float, float]:
+    """Train `steps` DeepSpeed steps on `data`; returns (engine, seconds, last mean loss).
+
+    `saver` (a checkpoint.Saver) checkpoints along the way; with `resume` (a checkpoint
+    directory of this trial) the fresh engine is restored from it and training goes on
+    after its step, on the batches an uninterrupted run would see there.
+    """
     import deepspeed
+
+    from trainables import checkpoint
 
     cfg = ctx.cfg
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
@@ -100,11 +111,16 @@ def train(ctx: Ctx, model, groups: list[dict], data: D.Encoded, steps: int, stag
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                       config=deepspeed_config(cfg, ctx.world), dist_init_required=False)
     engine.train()
+    done = checkpoint.Progress()
+    if resume is not None:
+        done = checkpoint.restore(resume, engine, cfg, ctx.rank, ctx.world)
+        ctx.say(f"{stage}: resumed from the checkpoint at step {done.step}/{steps} ({resume.name})")
     pad = ctx.processor.tokenizer.pad_token_id
     dtype = torch.bfloat16 if cfg.use_gpu else torch.float32
-    losses, t0 = [], time.perf_counter()
-    every = max(1, steps // 10)
-    for step, idx in enumerate(D.batches(len(data.ids), cfg.batch_size, ctx.rank, ctx.world, cfg.seed, steps)):
+    window = max(1, steps // 10)  # steps per progress line, and the losses final_train_loss averages
+    losses, t0 = done.losses, time.perf_counter() - done.seconds
+    order = D.batches(len(data.ids), cfg.batch_size, ctx.rank, ctx.world, cfg.seed, steps)
+    for step, idx in enumerate(itertools.islice(order, done.step, None), start=done.step):
         batch = {k: v.to(ctx.device) for k, v in D.collate(data, idx, pad).items()}
         if "pixel_values" in batch:
             batch["pixel_values"] = batch["pixel_values"].to(dtype)
@@ -121,10 +137,15 @@ def train(ctx: Ctx, model, groups: list[dict], data: D.Encoded, steps: int, stag
         losses.append(value)
         if ctx.log is not None:
             ctx.log.metric(f"{stage}_loss" if stage != "stage2" else "train_loss", value, step)
-        if (step + 1) % every == 0 or step + 1 == steps:
-            ctx.say(f"{stage} step {step + 1}/{steps} loss {sum(losses[-every:]) / len(losses[-every:]):.4f}")
+        if (step + 1) % window == 0 or step + 1 == steps:
+            ctx.say(f"{stage} step {step + 1}/{steps} loss {sum(losses[-window:]) / len(losses[-window:]):.4f}")
+        if saver is not None and saver.due(step + 1, steps):
+            if ctx.log is not None:
+                ctx.log.flush()  # every step up to a checkpoint is in MLflow before a resume can start after it
+            size = saver.save(engine, checkpoint.Progress(step + 1, losses[-window:], time.perf_counter() - t0))
+            ctx.say(f"{stage}: checkpoint at step {step + 1}/{steps} ({size:.2f} MB per rank)")
     seconds = time.perf_counter() - t0
-    tail = losses[-max(1, steps // 10):]
+    tail = losses[-window:]
     return engine, seconds, sum(tail) / len(tail)
 
 
@@ -202,8 +223,9 @@ def param_groups(model, cfg: TrialConfig) -> list[dict]:
     return [g for g in ({"params": rest, "lr": cfg.lr}, {"params": proj, "lr": cfg.projector_lr}) if g["params"]]
 
 
-def stage2(ctx: Ctx, base: Path):
-    """Visual instruction tuning of the stage-1 model with the trial's method."""
+def stage2(ctx: Ctx, base: Path, saver=None, resume: Path | None = None):
+    """Visual instruction tuning of the stage-1 model with the trial's method (checkpointed by `saver`,
+    continued from the checkpoint `resume`: see `train`)."""
     cfg = ctx.cfg
     method = METHODS[cfg.method]
     model = method.load(base, cfg)
@@ -215,7 +237,8 @@ def stage2(ctx: Ctx, base: Path):
         raise ValueError(f"{len(skipped)} samples have no answer tokens within max_length={cfg.max_length}, "
                          f"e.g. {skipped[:3]}")
     ctx.say(f"stage 2: {cfg.method} on {len(train_data.ids)} samples, {sum(counts.values()):,} trainable params")
-    engine, seconds, loss = train(ctx, model, param_groups(model, cfg), train_data, cfg.stage2_steps, "stage2")
+    engine, seconds, loss = train(ctx, model, param_groups(model, cfg), train_data, cfg.stage2_steps, "stage2",
+                                  saver, resume)
     check_stage(engine.module, method.stage2)
     return engine, counts, seconds, loss, len(skipped)
 
@@ -263,12 +286,16 @@ def cost(cfg: TrialConfig, seconds: float, world: int) -> dict[str, float]:
     return {"gpu_hours": hours, "dollars": hours * cfg.price_per_node_hour}
 
 
-def run(cfg: TrialConfig, rank: int, world: int, device, log=None, name: str = "trial") -> dict:
-    """The whole trial on one rank; returns the final metrics (identical on every rank)."""
+def run(cfg: TrialConfig, rank: int, world: int, device, log=None, name: str = "trial", saver=None,
+        resume: Path | None = None) -> dict:
+    """The whole trial on one rank; returns the final metrics (identical on every rank).
+
+    `saver` checkpoints stage 2; `resume` is the checkpoint a restarted worker goes on from
+    (stage 1 then comes from its cache)."""
     torch.manual_seed(cfg.seed)
     ctx = setup(cfg, rank, world, device, log, name)
     base, s1 = stage1(ctx)
-    engine, counts, seconds, loss, skipped = stage2(ctx, base)
+    engine, counts, seconds, loss, skipped = stage2(ctx, base, saver, resume)
     result = evaluate(ctx, engine)
     peak, source = peak_memory_gb(device)
     peak_t = torch.tensor([peak], dtype=torch.float64)
@@ -310,13 +337,18 @@ def train_loop(loop_config: dict) -> None:
     import ray.train.torch
 
     from study.tracking import TrialLog
+    from trainables import checkpoint
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.set_num_threads(int(loop_config.get("threads", 1)))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     cfg = TrialConfig.from_dict(loop_config["trial"])
+    # A restarted worker group attaches to the same run again (found by trial id) and goes on logging there.
     log = TrialLog.attach(loop_config["tracking_uri"], loop_config["experiment_id"], loop_config["trial_id"]) \
         if rank == 0 else None
-    result = run(cfg, rank, world, ray.train.torch.get_device(), log, name=loop_config["trial_id"])
-    ray.train.report(result)
+    saver = checkpoint.Saver(cfg.checkpoint_every, cfg, rank, world)
+    with checkpoint.no_repeats(Path(loop_config["run_dir"])), checkpoint.latest() as resume:
+        result = run(cfg, rank, world, ray.train.torch.get_device(), log, name=loop_config["trial_id"],
+                     saver=saver, resume=resume)
+    ray.train.report(result)  # the last report, the only one with `score` (and without a checkpoint)
