@@ -20,7 +20,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from study.store import STUDY_TAG, resolve_uri
+from study.store import STUDY_TAG, all_runs, resolve_uri
 from trainables.config import parse_param
 
 COST_COLUMNS = ["gpu_hours", "dollars", "trainable_params", "peak_mem_gb", "artifact_mb", "samples_per_s"]
@@ -61,7 +61,7 @@ def load_trials(tracking_uri: str | None, experiment: str, parent_run_id: str | 
         raise AnalysisError(f"no MLflow experiment named {experiment!r} at {uri}")
     query = f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'" if parent_run_id else ""
     rows = []
-    for run in _all_runs(client, exp.experiment_id, query):
+    for run in all_runs(client, exp.experiment_id, query):
         parent = run.data.tags.get(MLFLOW_PARENT_RUN_ID)
         if parent is None:
             continue  # the study's own run
@@ -79,17 +79,6 @@ def _require_local_store(uri: str) -> None:
     for scheme, path in local.items():
         if uri.startswith(scheme) and not Path(unquote(path)).exists():
             raise AnalysisError(f"no MLflow store at {unquote(path)} (tracking URI {uri})")
-
-
-def _all_runs(client: MlflowClient, experiment_id: str, query: str):
-    """search_runs page by page: a tracking server caps one page (1000 by default)."""
-    token = None
-    while True:
-        page = client.search_runs([experiment_id], filter_string=query, max_results=1000, page_token=token)
-        yield from page
-        token = page.token
-        if not token:
-            return
 
 
 def load_studies(tracking_uri: str | None, experiments: list[str]) -> pd.DataFrame:

@@ -2,11 +2,14 @@
 
     python -m study.run search_spaces/lora.py [--smoke] [--num-samples N] [--max-concurrent K]
         [--tracking-uri URI] [--experiment NAME] [--storage DIR] [--address ADDR]
-        [--data DIR [--skip-invalid]] [--dry-run]
+        [--data DIR [--skip-invalid]] [--resume] [--dry-run]
 
-Exit 0 on success, 2 on bad input (one `error:` line naming the file / record / key / flag), 1 otherwise.
+Exit 0 when at least one trial finished (failed trials are counted and their MLflow runs
+say why), 2 on bad input (one `error:` line naming the file / record / key / flag), 1 otherwise.
 A `--data` dataset is checked whole before Ray starts (and by --dry-run): a bad record is
 bad input, unless --skip-invalid drops it (the study's MLflow run lists what was dropped).
+A study is its name in --storage: starting it again is refused; after an interruption
+(even SIGKILL), the same command with --resume continues it (study.study).
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data", help="a LLaVA-format dataset directory instead of the synthetic world")
     p.add_argument("--skip-invalid", action="store_true",
                    help="drop the dataset's invalid records (logged as data/skipped.json) instead of stopping")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted study of this name in --storage (the same command otherwise)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     args = p.parse_args(argv)
     for flag in ("num_samples", "max_concurrent"):
@@ -95,6 +100,55 @@ def check_data(args, space):
     return report
 
 
+def check_resume(args, space, p: dict) -> None:
+    """A study is its name in --storage: refuse to start one that exists, and resume only one that
+    exists, is unfinished and has the settings this command gives. Before Ray starts; creates nothing
+    but the study's lock, which it holds for the driver (p["lock"]; none on a dry run).
+
+    Sets p["resume"]: the study's MLflow run to continue, or None for a new study.
+    """
+    from filelock import Timeout
+
+    from study import store
+    from study.study import hold_lock, settings
+
+    storage = Path(args.storage).resolve()
+    name, where = p["study"], f"study {p['study']!r} in {storage}"
+    try:
+        p["lock"] = hold_lock(storage, name, create=not args.dry_run)
+    except Timeout:
+        raise BadInput(f"{where} is running in another process; wait for it, or stop it and pass --resume") from None
+    uri = store.resolve_uri(args.tracking_uri)
+    run = store.find_study(uri, name, str(storage))
+    tune_dir = storage / "tune" / name
+    p["resume"] = None
+    if not args.resume:
+        if run is not None or tune_dir.exists():
+            found = f"MLflow run {run.info.run_id}, {run.info.status}" if run else f"Ray Tune state {tune_dir}"
+            raise BadInput(f"{where} already exists ({found}): pass --resume to continue it, "
+                           "or choose another --experiment or --storage for a new study")
+        return
+    if run is None:
+        if tune_dir.exists():
+            raise BadInput(f"--resume: {tune_dir} holds {where}, but {uri} has no MLflow run of it "
+                           "(was it started with another --tracking-uri?)")
+        raise BadInput(f"--resume: there is no {where} to resume (MLflow {uri})")
+    if run.info.status == "FINISHED":
+        raise BadInput(f"--resume: {where} has finished (MLflow run {run.info.run_id}): nothing to resume; "
+                       "choose another --experiment or --storage for a new study")
+    given = {k: str(v)[:6000] for k, v in settings(args, space, p).items()}
+    ignored = {"storage", "data_read"} | (set() if args.max_concurrent else {"max_concurrent"})
+    flags = ["space_file", "smoke", "num_samples", "max_concurrent", "data", "skip_invalid"]  # named first: a
+    for key in sorted((set(given) | set(run.data.params)) - ignored,  # changed flag also changes constants
+                      key=lambda k: (flags.index(k) if k in flags else len(flags), k)):
+        before, now = run.data.params.get(key, "(none)"), given.get(key, "(none)")
+        if before != now:
+            raise BadInput(f"--resume: {where} was started with {key}={before}, this command gives {key}={now}: "
+                           "resume with the same space file and flags, or start a new study with another "
+                           "--experiment or --storage")
+    p["resume"] = run
+
+
 def _gpus() -> int:
     import torch
 
@@ -113,6 +167,9 @@ def print_plan(p: dict, space) -> None:
     print(f"  cost is logged per trial as gpu_hours (device-hours / {ex.devices_per_node} per node) and "
           f"dollars (${ex.price_per_node_hour}/node-hour)")
     print(f"  example trial: {ex}")
+    if p.get("resume") is not None:
+        print(f"  resumes the study's MLflow run {p['resume'].info.run_id} ({p['resume'].info.status}): "
+              "finished and failed trials are kept, interrupted ones run again")
     if p.get("data") is not None:
         print_data(p["data"])
 
@@ -140,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         space = spaces.load(args.space)
         p = plan(args, space)
         p["data"] = check_data(args, space)
+        check_resume(args, space, p)
     except (BadInput, SpaceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

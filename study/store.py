@@ -1,15 +1,28 @@
-"""Where and how runs are found in MLflow: tag names and tracking-URI rules (no Ray, so analysis stays light)."""
+"""Where and how runs are found in MLflow: tag names and tracking-URI rules (no Ray, so analysis stays light).
+
+A study's own run is found by its name and storage (`find_study_run`): the pair that
+`--resume` names, so a resumed study keeps its run; a trial's run by the trial-id tag.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from urllib.parse import unquote
 
 from mlflow.tracking import MlflowClient
 
 TRIAL_TAG = "mmscale.trial_id"
 STUDY_TAG = "mmscale.study"
 PARENT_TAG = "mlflow.parentRunId"
+
+
+def local_store(uri: str) -> Path | None:
+    """The file or directory behind a local tracking URI (None for a server): looking must not create it."""
+    for scheme in ("sqlite:///", "file://"):
+        if uri.startswith(scheme):
+            return Path(unquote(uri[len(scheme):]))
+    return None
 
 
 def resolve_uri(uri: str | None) -> str:
@@ -40,3 +53,36 @@ def ensure_experiment(client: MlflowClient, name: str, uri: str) -> str:
 def find_trial_run(client: MlflowClient, experiment_id: str, trial_id: str):
     runs = client.search_runs([experiment_id], filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}'", max_results=1)
     return runs[0] if runs else None
+
+
+def find_study_run(client: MlflowClient, experiment_id: str, study: str, storage: str):
+    """The study's own run (named after it, no parent) that was started on `storage`; the newest if several."""
+    query = f"tags.`{STUDY_TAG}` = '{study}' and attributes.run_name = '{study}' and params.storage = '{storage}'"
+    runs = client.search_runs([experiment_id], filter_string=query, order_by=["attributes.start_time DESC"])
+    return next((r for r in runs if PARENT_TAG not in r.data.tags), None)
+
+
+def find_study(uri: str, study: str, storage: str):
+    """The study's own run in the store at `uri`, or None; a local store that does not exist stays so."""
+    local = local_store(uri)
+    if local is not None and not local.exists():
+        return None
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(study)
+    return find_study_run(client, exp.experiment_id, study, storage) if exp is not None else None
+
+
+def all_runs(client: MlflowClient, experiment_id: str, query: str):
+    """search_runs page by page: a tracking server caps one page (1000 by default)."""
+    token = None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=query, max_results=1000, page_token=token)
+        yield from page
+        token = page.token
+        if not token:
+            return
+
+
+def trial_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> list:
+    """Every trial run nested under a study's run."""
+    return list(all_runs(client, experiment_id, f"tags.`{PARENT_TAG}` = '{parent_run_id}'"))

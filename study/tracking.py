@@ -2,14 +2,22 @@
 
 Driver side, `NestedMLflowCallback` (a small subclass of Ray's MLflowLoggerCallback,
 which does not nest) opens each trial's run under the study's parent, logs the flat
-trial config as params once, and closes the run when the trial ends. Worker side,
-rank 0 attaches to its trial's run through `TrialLog` (found by the trial-id tag) and
-logs per-step loss, the final metrics and the artifacts itself, before it reports.
+trial config as params once, and closes the run when the trial ends: FINISHED, or
+FAILED with a `failure_reason` tag and the traceback as `error/traceback.txt`. Worker
+side, rank 0 attaches to its trial's run through `TrialLog` (found by the trial-id tag)
+and logs per-step loss, the final metrics and the artifacts itself, before it reports.
+
+A resumed study (`--resume`) keeps every run: its parent is reopened (tag `resumes`),
+a trial Tune continues finds its run by the trial-id tag and goes on in it (tag
+`restarts`), and a run whose trial will not run again is closed KILLED with a
+`killed_reason` tag (`close_orphans`), so no run is left RUNNING and none is doubled.
 """
 
 from __future__ import annotations
 
+import re
 import time
+from collections import Counter
 from pathlib import Path
 
 from mlflow.entities import Metric
@@ -18,12 +26,46 @@ from ray.air.integrations.mlflow import MLflowLoggerCallback
 
 from study.space import trial_config
 from study.store import (PARENT_TAG, STUDY_TAG, TRIAL_TAG, artifact_root, ensure_experiment,  # noqa: F401
-                         find_trial_run, resolve_uri)
+                         find_trial_run, resolve_uri, trial_runs)
+
+SETTLED = ("FINISHED", "FAILED")  # a trial run in these states has its outcome; nothing may change it
+
 
 def start_study_run(client: MlflowClient, experiment_id: str, study: str, params: dict) -> str:
     run = client.create_run(experiment_id, run_name=study, tags={STUDY_TAG: study, "mlflow.runName": study})
     client.log_batch(run.info.run_id, params=_params(params))
     return run.info.run_id
+
+
+def reopen(client: MlflowClient, run, counter: str) -> int:
+    """A run goes on after an interruption: RUNNING again, `counter` tag + 1 (returned)."""
+    count = int(run.data.tags.get(counter, 0)) + 1
+    client.set_tag(run.info.run_id, counter, str(count))
+    if "killed_reason" in run.data.tags:  # closed when the study stopped; no longer so
+        client.delete_tag(run.info.run_id, "killed_reason")
+    client.update_run(run.info.run_id, status="RUNNING")
+    return count
+
+
+def close_orphans(client: MlflowClient, experiment_id: str, parent_run_id: str, reason: str) -> int:
+    """Close the study's trial runs left RUNNING (their trial will not run in this session) as KILLED."""
+    orphans = [r for r in trial_runs(client, experiment_id, parent_run_id) if r.info.status == "RUNNING"]
+    for run in orphans:
+        client.set_tag(run.info.run_id, "killed_reason", reason)
+        client.set_terminated(run.info.run_id, status="KILLED")
+    return len(orphans)
+
+
+def outcome(runs: list) -> tuple[list, list, list]:
+    """(finished, failed, other) trial runs of a study."""
+    return ([r for r in runs if r.info.status == "FINISHED"], [r for r in runs if r.info.status == "FAILED"],
+            [r for r in runs if r.info.status not in SETTLED])
+
+
+def failure_counts(failed: list) -> str:
+    """`FloatingPointError x2, MemoryError x1`: the failed runs' exception types, most common first."""
+    kinds = Counter(r.data.tags.get("failure_reason", "unknown").split(":")[0] for r in failed)
+    return ", ".join(f"{kind} x{n}" for kind, n in kinds.most_common())
 
 
 def _params(values: dict):
@@ -39,14 +81,22 @@ class NestedMLflowCallback(MLflowLoggerCallback):
         super().__init__(tracking_uri=tracking_uri, experiment_name=experiment_name, save_artifact=False)
         self.parent_run_id, self.study = parent_run_id, study
 
+    def setup(self, *args, **kwargs):
+        super().setup(*args, **kwargs)
+        self._settled: set[str] = set()  # runs whose outcome was logged before the study was resumed
+
     def log_trial_start(self, trial) -> None:
         if trial in self._trial_runs:
             return
         client = self.mlflow_util._get_client()
         exp_id = client.get_experiment_by_name(self.experiment_name).experiment_id
         existing = find_trial_run(client, exp_id, trial.trial_id)
-        if existing is not None:  # a restored study: keep logging into the same run
+        if existing is not None:  # a resumed study: the trial goes on in its own run
             self._trial_runs[trial] = existing.info.run_id
+            if existing.info.status in SETTLED:  # ended before Tune saved that it had (study.study_trial)
+                self._settled.add(existing.info.run_id)
+            else:  # interrupted (RUNNING, or KILLED when the study was stopped): it restarts here
+                reopen(client, existing, "restarts")
             return
         tags = {PARENT_TAG: self.parent_run_id, TRIAL_TAG: trial.trial_id, STUDY_TAG: self.study,
                 "trial_name": str(trial)}
@@ -59,8 +109,61 @@ class NestedMLflowCallback(MLflowLoggerCallback):
 
     def log_trial_end(self, trial, failed: bool = False) -> None:
         run_id = self._trial_runs.get(trial)
-        if run_id is not None:
-            self.mlflow_util.end_run(run_id=run_id, status="FAILED" if failed else "FINISHED")
+        if run_id is None or run_id in self._settled:
+            return
+        client = self.mlflow_util._get_client()
+        if failed and "failure_reason" not in client.get_run(run_id).data.tags:
+            # the trial died before it could say why itself (study.study_trial): Tune's text of the error
+            record_failure(client, run_id, *failure_from_text(trial.error_file))
+        self.mlflow_util.end_run(run_id=run_id, status="FAILED" if failed else "FINISHED")
+
+
+def record_failure(client: MlflowClient, run_id: str, reason: str, text: str) -> None:
+    """A failed trial's run says why: the `failure_reason` tag and the artifact `error/traceback.txt`."""
+    client.set_tag(run_id, "failure_reason", reason[:500])
+    client.log_text(run_id, f"{reason}\n\n{text}", "error/traceback.txt")
+
+
+def describe(error: BaseException) -> tuple[str, str]:
+    """Why a trial failed, from the exception in hand: (`Type: first line of the message` of the root
+    cause under Ray's wrappers, the whole traceback with each failed rank's)."""
+    import traceback
+
+    root = root_cause(error)
+    first = (str(root).strip().splitlines() or [""])[0]
+    reason = f"{type(root).__name__}: {first}" if first else type(root).__name__
+    return reason, _plain("".join(traceback.format_exception(error)))
+
+
+def failure_from_text(error_file: str | None) -> tuple[str, str]:
+    """Why a trial failed, from the text Tune wrote beside it (its last line names the error). Only text:
+    Tune also pickles the exception there, and we load no pickles from storage."""
+    text = _plain(Path(error_file).read_text(errors="replace")) if error_file and Path(error_file).is_file() else ""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return (lines[-1] if lines else "unknown (Tune kept no error for this trial)"), text
+
+
+def _plain(text: str) -> str:
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)  # Ray colours the remote traceback's header
+
+
+def root_cause(error: BaseException) -> BaseException:
+    """The exception that started it: through Ray's RayTaskError (`.cause`), Ray Train's
+    WorkerGroupError (`.worker_failures`, the lowest rank's) and Python's `__cause__` chain."""
+    seen = set()
+    while id(error) not in seen:
+        seen.add(id(error))
+        failures = getattr(error, "worker_failures", None)
+        cause = getattr(error, "cause", None)
+        if failures:
+            error = failures[min(failures)]
+        elif isinstance(cause, BaseException):
+            error = cause
+        elif error.__cause__ is not None:
+            error = error.__cause__
+        else:
+            break
+    return error
 
 
 class TrialLog:

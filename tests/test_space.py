@@ -45,6 +45,11 @@ def test_alpha_as_multiple_of_rank(tmp_path):
     ("SPACE = {'zero_stage': choice([2, 3])}\nFIXED = {'method': 'qlora'}", "zero_stage=3 with method=qlora"),
     ("SPACE = {'method': choice(['lora', 'qlora'])}\nFIXED = {'zero_stage': 3}", "zero_stage=3 with method=qlora"),
     ("SPACE = {'adapter_dim': choice([0, 8])}\nFIXED = {'method': 'mma'}", "adapter_dim"),
+    ("SPACE = {}\nFIXED = {'lr': 0}", "lr=0.0 is out of range"),
+    ("SPACE = {'lora_alpha': choice([-16])}", "lora_alpha=-16.0 is out of range"),
+    ("SPACE = {}\nFIXED = {'model_size': '65b'}", "model_size='65b'"),
+    ("SPACE = {}\nFIXED = {'checkpoint_every': -1}", "checkpoint_every=-1"),
+    ("SPACE = undefined_name", "fails to load: NameError"),
 ])
 def test_bad_space_files_name_the_key(tmp_path, body, culprit):
     f = tmp_path / "bad.py"
