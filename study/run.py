@@ -19,7 +19,11 @@ import os
 import sys
 from pathlib import Path
 
-from study.space import SpaceError
+# Read when Ray is first imported (study.space imports Ray Tune): trials print similar progress lines, and
+# Ray's deduplication would fold them into "[repeated 4x across cluster]"; keep them all.
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+from study.space import SpaceError  # noqa: E402
 
 class BadInput(Exception):
     """Reported as one `error:` line and exit code 2."""

@@ -19,9 +19,10 @@ from pathlib import Path
 def _ray_init(address: str | None) -> None:
     import ray
 
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # trials print similar progress lines; keep them all
+    # Train V2 turns a worker's print into a log record and, when stdout is wrapped (it is, in a Ray worker),
+    # also prints it: every progress line reached the terminal twice. Plain prints, once each.
     env = {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1",
-           "MMSCALE_CACHE": os.environ.get("MMSCALE_CACHE", "")}
+           "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "MMSCALE_CACHE": os.environ.get("MMSCALE_CACHE", "")}
     env = {k: v for k, v in env.items() if v}
     # The dashboard stays on (Ray's state API frees stopped trials' placement groups), bound to loopback.
     ray.init(address=address, include_dashboard=None if address else True, dashboard_host="127.0.0.1",

@@ -216,5 +216,20 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path, monkeypatch, capsys):
     code, out, err = dry(capsys, space, "--resume", "--num-samples", "3")
     assert code == 0, err
     assert f"resumes the study's MLflow run {parent} (RUNNING)" in out
+
+    # a second driver on a study that is running (another process holds its lock) is turned away
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from filelock import FileLock; "
+                               f"lock = FileLock({str(storage / 'tune' / '.survive.lock')!r}); lock.acquire(); "
+                               "print('held', flush=True); time.sleep(120)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert one_error_line(dry(capsys, space, "--resume", "--num-samples", "3")) == (
+            f"error: study 'survive' in {storage} is running in another process; wait for it, "
+            "or stop it and pass --resume")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert dry(capsys, space, "--resume", "--num-samples", "3")[0] == 0, "the lock dies with its holder"
+
     MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").set_terminated(parent, "FINISHED")
     assert "has finished" in one_error_line(dry(capsys, space, "--resume", "--num-samples", "3"))
