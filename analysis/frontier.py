@@ -87,7 +87,7 @@ def log_study_frontier(tracking_uri: str | None, experiment: str, parent_run_id:
     """
     from mlflow.tracking import MlflowClient
 
-    from study.tracking import resolve_uri
+    from tracking.store import resolve_uri
 
     trials = load_trials(tracking_uri, experiment, parent_run_id=parent_run_id)
     out = Path(out_dir)

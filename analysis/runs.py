@@ -20,7 +20,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from study.store import STUDY_TAG, all_runs, resolve_uri
+from tracking.store import STUDY_TAG, all_runs, resolve_uri
 from trainables.config import parse_param
 
 COST_COLUMNS = ["gpu_hours", "dollars", "trainable_params", "peak_mem_gb", "artifact_mb", "samples_per_s"]

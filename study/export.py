@@ -123,7 +123,7 @@ def export(client, run_id: str, out: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     from mlflow.tracking import MlflowClient
 
-    from study.store import resolve_uri
+    from tracking.store import resolve_uri
 
     try:
         args = _parser().parse_args(argv)

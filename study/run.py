@@ -113,7 +113,7 @@ def check_resume(args, space, p: dict) -> None:
     """
     from filelock import Timeout
 
-    from study import store
+    from tracking import store
     from study.study import hold_lock, settings
 
     storage = Path(args.storage).resolve()

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainables.config import ConfigError, TrialConfig
+from trainables.config import ConfigError, TrialConfig, trial_config
 
 STUDY_NAMES = {"NAME", "FIXED", "SPACE", "SMOKE", "NUM_SAMPLES", "MAX_CONCURRENT", "METRIC", "MODE", "SEED",
                "SAMPLER"}
@@ -164,17 +164,6 @@ class Space:
         trial = study.ask()
         constants = self.define_by_run(smoke)(trial)
         return trial_config({**constants, **trial.params})
-
-
-def trial_config(tune_config: dict) -> TrialConfig:
-    """A Tune trial's config (Optuna's names + constants) -> TrialConfig.
-
-    The one derived key: `<key>_over_rank` (from times_rank) becomes `<key>` = lora_rank x multiplier.
-    """
-    values = dict(tune_config)
-    for name in [k for k in values if k.endswith("_over_rank")]:
-        values[name[: -len("_over_rank")]] = values["lora_rank"] * values.pop(name)
-    return TrialConfig.from_dict(values)
 
 
 def load(path: str | Path) -> Space:

@@ -87,8 +87,8 @@ def study_trial(config: dict, study) -> None:
     import ray.tune
     from mlflow.tracking import MlflowClient
 
-    from study.store import find_trial_run
-    from study.tracking import SETTLED, describe, record_failure
+    from tracking.store import SETTLED, find_trial_run
+    from tracking.trial_log import describe, record_failure
     from trainables.driver import run_trial
 
     trial_id = ray.tune.get_context().get_trial_id()
@@ -168,7 +168,9 @@ def run_study(args, space, p: dict) -> int:
 
     from analysis.frontier import log_study_frontier
     from analysis.runs import AnalysisError, format_table, load_trials
-    from study import tracking, zoo
+    import zoo
+    from study import mlflow_runs as tracking
+    from tracking import store
     from trainables.driver import StudyContext
 
     report = p.get("data")  # the checked --data dataset (trainables.dataset.Report), or None: the world
@@ -178,9 +180,9 @@ def run_study(args, space, p: dict) -> int:
     storage = Path(args.storage).resolve()
     storage.mkdir(parents=True, exist_ok=True)
     data = trial_data(report, storage) if report is not None else None
-    uri = tracking.resolve_uri(args.tracking_uri)
+    uri = store.resolve_uri(args.tracking_uri)
     client = MlflowClient(uri)
-    exp_id = tracking.ensure_experiment(client, p["study"], uri)
+    exp_id = store.ensure_experiment(client, p["study"], uri)
     resumed = p.get("resume")  # the study's run to continue (run.check_resume), or None: a new study
     if resumed is None:
         parent = tracking.start_study_run(client, exp_id, p["study"], {
@@ -236,7 +238,7 @@ def run_study(args, space, p: dict) -> int:
     finally:
         tracking.close_orphans(client, exp_id, parent, ORPHANED if status == "FINISHED" else INTERRUPTED)
         client.set_terminated(parent, status=status)
-    runs = tracking.trial_runs(client, exp_id, parent)
+    runs = store.trial_runs(client, exp_id, parent)
     finished, failed, other = tracking.outcome(runs)
     df = load_trials(uri, p["study"], parent_run_id=parent)
     ended = len(finished) + len(failed)
@@ -246,7 +248,7 @@ def run_study(args, space, p: dict) -> int:
     print(format_table(df[df["status"] == "FINISHED"]))
     for run in failed + other:
         why = run.data.tags.get("failure_reason") or run.data.tags.get("killed_reason", "")
-        trial = run.data.tags.get(tracking.TRIAL_TAG)
+        trial = run.data.tags.get(store.TRIAL_TAG)
         print(f"  {run.info.status.lower()}: trial {trial} (run {run.info.run_id}): {why}")
     try:
         out = log_study_frontier(uri, p["study"], parent, storage / "frontier" / parent)

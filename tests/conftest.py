@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 @pytest.fixture(scope="session")
 def zoo_ready():
-    from study import zoo
+    import zoo
 
     return zoo.ensure_world(), zoo.ensure_zoo()
 

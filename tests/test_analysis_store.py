@@ -11,7 +11,8 @@ import pytest
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
-from study.tracking import PARENT_TAG, STUDY_TAG, TRIAL_TAG, ensure_experiment, start_study_run
+from study.mlflow_runs import start_study_run
+from tracking.store import PARENT_TAG, STUDY_TAG, TRIAL_TAG, ensure_experiment
 from trainables.config import TrialConfig
 
 STUDY = "demo"

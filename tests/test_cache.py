@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from trainables import cache
+from zoo import cache
 
 REPO = Path(__file__).parent.parent
 STEPS = 400  # a stage 1 of ~10 s: time to kill it mid-training

@@ -105,7 +105,8 @@ def test_skip_invalid_gives_trials_a_filtered_copy_and_logs_what_it_dropped(data
     """The part of run_study before Ray starts: the copy trials read, and the study run's records of it."""
     from mlflow.tracking import MlflowClient
 
-    from study import tracking
+    from study import mlflow_runs as tracking
+    from tracking import store
     from study.study import log_skipped, trial_data
     from trainables import dataset
 
@@ -117,9 +118,9 @@ def test_skip_invalid_gives_trials_a_filtered_copy_and_logs_what_it_dropped(data
     assert data == tmp_path / "studies" / "data" / report.fingerprint() and data.is_absolute()
     assert [r["id"] for r in json.loads((data / "train.json").read_text())] == ["t0", "t1", "t2", "t-text"]
 
-    uri = tracking.resolve_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    uri = store.resolve_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     client = MlflowClient(uri)
-    exp = tracking.ensure_experiment(client, "skip", uri)
+    exp = store.ensure_experiment(client, "skip", uri)
     parent = tracking.start_study_run(client, exp, "skip", {"space_file": "lora.py"})
     log_skipped(client, parent, report, data)
     run_ = client.get_run(parent)

@@ -73,7 +73,8 @@ def test_the_reason_names_the_root_cause_under_rays_wrappers(tmp_path):
     from ray.exceptions import RayTaskError
     from ray.train import WorkerGroupError
 
-    from study.tracking import describe, failure_counts, failure_from_text
+    from study.mlflow_runs import failure_counts
+    from tracking.trial_log import describe, failure_from_text
 
     def raised(error):
         try:

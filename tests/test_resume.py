@@ -155,15 +155,16 @@ def stored_study(cwd: Path, space: Path, *flags: str) -> str:
     """The study's MLflow run as `study.run` starts it, for the command `space --smoke *flags`."""
     from study import run as cli
     from study import space as spaces
-    from study import tracking
+    from study import mlflow_runs as tracking
+    from tracking import store
     from study.study import settings
 
     args = cli.parse_args([str(space), "--smoke", "--storage", str(cwd / "studies"), *flags])
     loaded = spaces.load(space)
     p = cli.plan(args, loaded)
-    uri = tracking.resolve_uri(f"sqlite:///{cwd / 'mlflow.db'}")
+    uri = store.resolve_uri(f"sqlite:///{cwd / 'mlflow.db'}")
     client = MlflowClient(uri)
-    exp = tracking.ensure_experiment(client, p["study"], uri)
+    exp = store.ensure_experiment(client, p["study"], uri)
     return tracking.start_study_run(client, exp, p["study"], settings(args, loaded, p))
 
 

@@ -1,7 +1,7 @@
 import json
 from collections import Counter, defaultdict
 
-from study import world
+from zoo import world
 
 
 def test_world_is_deterministic(tmp_path):

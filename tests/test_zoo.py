@@ -5,7 +5,8 @@ import random
 import torch
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPVisionModel, LlamaForCausalLM
 
-from study import zoo
+import zoo
+from zoo import models
 
 
 def test_zoo_parts_load_with_from_pretrained(zoo_ready):
@@ -28,7 +29,7 @@ def test_zoo_parts_load_with_from_pretrained(zoo_ready):
 def test_pretrained_llm_speaks_the_world(zoo_ready):
     """Briefly pretrained means: far lower loss on fresh world text than the same model at init."""
     tok = AutoTokenizer.from_pretrained(zoo.tokenizer_path())
-    texts = [tok.apply_chat_template(c, tokenize=False) for c in zoo._corpus(random.Random(123), 32)]
+    texts = [tok.apply_chat_template(c, tokenize=False) for c in models._corpus(random.Random(123), 32)]
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
     trained = LlamaForCausalLM.from_pretrained(zoo.llm_path("1m"))
@@ -38,12 +39,12 @@ def test_pretrained_llm_speaks_the_world(zoo_ready):
 
 
 def test_build_is_deterministic_and_reloads_identically(tmp_path):
-    convs = zoo._corpus(random.Random(0), 200)
-    texts = [zoo._render(c) for c in convs]
-    tok_a, tok_b = zoo.build_tokenizer(texts), zoo.build_tokenizer(texts)
+    convs = models._corpus(random.Random(0), 200)
+    texts = [models._render(c) for c in convs]
+    tok_a, tok_b = models.build_tokenizer(texts), models.build_tokenizer(texts)
     assert tok_a.get_vocab() == tok_b.get_vocab()
-    a = zoo.pretrain_llm("0.3m", tok_a, convs, steps=3, seed=5)
-    b = zoo.pretrain_llm("0.3m", tok_b, convs, steps=3, seed=5)
+    a = models.pretrain_llm("0.3m", tok_a, convs, steps=3, seed=5)
+    b = models.pretrain_llm("0.3m", tok_b, convs, steps=3, seed=5)
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(p, q), name
     a.save_pretrained(tmp_path / "llm")
@@ -51,8 +52,8 @@ def test_build_is_deterministic_and_reloads_identically(tmp_path):
     ids = torch.tensor([tok_a("USER: What number comes after two?")["input_ids"]])
     with torch.no_grad():
         assert torch.equal(a(ids).logits, back(ids).logits)
-    v1 = zoo.pretrain_vision(32, tok_a, steps=2, seed=5)
-    v2 = zoo.pretrain_vision(32, tok_a, steps=2, seed=5)
+    v1 = models.pretrain_vision(32, tok_a, steps=2, seed=5)
+    v2 = models.pretrain_vision(32, tok_a, steps=2, seed=5)
     v1.save_pretrained(tmp_path / "clip")
     v3 = CLIPVisionModel.from_pretrained(tmp_path / "clip")
     for (name, p), q, r in zip(v1.state_dict().items(), v2.state_dict().values(), v3.state_dict().values()):

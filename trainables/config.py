@@ -77,7 +77,7 @@ class TrialConfig:
     storage: str = _doc("study storage (stage-1 cache); set by study.run", default="")
 
     def __post_init__(self):
-        from study.zoo import LLM_SIZES
+        from zoo import LLM_SIZES
         from trainables.methods import METHODS
 
         checks = {
@@ -174,3 +174,14 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
     if not ok:
         raise ConfigError(f"{key}={value!r} should be of type {kind.__name__}")
     return kind(value)
+
+
+def trial_config(tune_config: dict) -> TrialConfig:
+    """A Tune trial's config (Optuna's names + constants) -> TrialConfig.
+
+    The one derived key: `<key>_over_rank` (from times_rank) becomes `<key>` = lora_rank x multiplier.
+    """
+    values = dict(tune_config)
+    for name in [k for k in values if k.endswith("_over_rank")]:
+        values[name[: -len("_over_rank")]] = values["lora_rank"] * values.pop(name)
+    return TrialConfig.from_dict(values)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from study.zoo import IMAGE_TOKEN
+from zoo import IMAGE_TOKEN
 from trainables.data import ROLES
 
 # File name -> whether its records may hold an image (LLaVA format) or are language-only (ShareGPT).

@@ -17,7 +17,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from study.space import trial_config
+from trainables.config import trial_config
 
 
 @dataclass(frozen=True)

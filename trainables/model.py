@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from study import zoo
+import zoo
 
 
 def trust_remote_code() -> bool:
@@ -39,7 +39,7 @@ def build_processor(cfg):
     if "<image>" not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     if not tokenizer.chat_template:  # e.g. Vicuna v1.5 ships none: use its USER/ASSISTANT format
-        from study.zoo import CHAT_TEMPLATE
+        from zoo import CHAT_TEMPLATE
 
         tokenizer.chat_template = CHAT_TEMPLATE
     if tokenizer.pad_token is None:

@@ -81,7 +81,7 @@ def encoded(root: Path, name: str, processor, max_length: int, storage: Path | N
             image_tokens: int | None = None, limit: int = 0,
             image_aspect: str = "pad") -> tuple[D.Encoded, bool, float]:
     """(the split, encoded; whether it came from the cache; seconds spent). No storage: encode in memory."""
-    from trainables import cache
+    from zoo import cache
 
     t0 = time.perf_counter()
     records = D.read_records(root, name)

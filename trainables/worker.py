@@ -37,7 +37,7 @@ class Ctx:
     device: torch.device
     processor: object
     root: Path
-    log: object  # study.tracking.TrialLog on rank 0, else None
+    log: object  # tracking.trial_log.TrialLog on rank 0, else None
     name: str = ""
     image_tokens: int | None = None  # placeholders per image; None = one per vision patch (LLaVA)
 
@@ -59,7 +59,7 @@ class Ctx:
 
 
 def setup(cfg: TrialConfig, rank: int, world: int, device, log=None, name: str = "trial") -> Ctx:
-    from study import zoo
+    import zoo
     from trainables.model import build_processor
 
     root = Path(cfg.data) if cfg.data else zoo.world_dir()
@@ -158,7 +158,7 @@ def stage1_key(ctx: Ctx) -> str:
     """Stage 1 depends only on these; trials sharing them share its result (DESIGN.md)."""
     import hashlib
 
-    from study import zoo
+    import zoo
     from trainables.model import llm_id, vision_id
 
     cfg = ctx.cfg
@@ -173,11 +173,11 @@ def stage1_key(ctx: Ctx) -> str:
 def stage1(ctx: Ctx) -> tuple[Path, dict]:
     """The stage-1 LLaVA checkpoint (projector aligned on captions), computed once per key.
 
-    Rank 0 holds the key's lock while the trial computes it (trainables.cache), so a
+    Rank 0 holds the key's lock while the trial computes it (zoo.cache), so a
     concurrent trial with the same key waits and then reuses it; the checkpoint is
     built in a temporary directory from the start and renamed into place whole.
     """
-    from trainables import cache
+    from zoo import cache
     from trainables.model import build_llava, gathered_state
 
     cfg = ctx.cfg
@@ -336,7 +336,7 @@ def train_loop(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from study.tracking import TrialLog
+    from tracking.trial_log import TrialLog
     from trainables import checkpoint
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

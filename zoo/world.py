@@ -1,6 +1,6 @@
 """The synthetic image-question world the laptop study trains on.
 
-    python -m study.world OUT_DIR      # writes a LLaVA-format dataset directory
+    python -m zoo.world OUT_DIR      # writes a LLaVA-format dataset directory
 
 Each image holds one to three shapes, each of a distinct colour and shape, in the
 cells of a 2 x 2 grid. Questions ask for a colour, a shape, a count or a position,
@@ -174,5 +174,5 @@ def write(out: Path, seed: int = 0, n_train: int = 4000, n_eval: int = 400,
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m study.world OUT_DIR")
+        sys.exit("usage: python -m zoo.world OUT_DIR")
     print(write(Path(sys.argv[1])))

@@ -1,4 +1,4 @@
-"""Where and how runs are found in MLflow: tag names and tracking-URI rules (no Ray, so analysis stays light).
+"""Where and how runs are found in MLflow: tag names, tracking-URI rules and store queries (no Ray: analysis reads it).
 
 A study's own run is found by its name and storage (`find_study_run`): the pair that
 `--resume` names, so a resumed study keeps its run; a trial's run by the trial-id tag.
@@ -15,6 +15,15 @@ from mlflow.tracking import MlflowClient
 TRIAL_TAG = "mmscale.trial_id"
 STUDY_TAG = "mmscale.study"
 PARENT_TAG = "mlflow.parentRunId"
+SETTLED = ("FINISHED", "FAILED")  # a trial run in these states has its outcome; nothing may change it
+MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
+
+
+def params_of(values: dict):
+    """MLflow Params of a flat dict (values as text, cut to what MLflow stores)."""
+    from mlflow.entities import Param
+
+    return [Param(k, str(v)[:MAX_PARAM_CHARS]) for k, v in values.items()]
 
 
 def local_store(uri: str) -> Path | None:

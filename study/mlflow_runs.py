@@ -15,25 +15,19 @@ a trial Tune continues finds its run by the trial-id tag and goes on in it (tag
 
 from __future__ import annotations
 
-import re
-import time
 from collections import Counter
-from pathlib import Path
 
-from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 
-from study.space import trial_config
-from study.store import (PARENT_TAG, STUDY_TAG, TRIAL_TAG, artifact_root, ensure_experiment,  # noqa: F401
-                         find_trial_run, resolve_uri, trial_runs)
-
-SETTLED = ("FINISHED", "FAILED")  # a trial run in these states has its outcome; nothing may change it
+from tracking.store import PARENT_TAG, SETTLED, STUDY_TAG, TRIAL_TAG, find_trial_run, params_of, trial_runs
+from tracking.trial_log import failure_from_text, record_failure
+from trainables.config import trial_config
 
 
 def start_study_run(client: MlflowClient, experiment_id: str, study: str, params: dict) -> str:
     run = client.create_run(experiment_id, run_name=study, tags={STUDY_TAG: study, "mlflow.runName": study})
-    client.log_batch(run.info.run_id, params=_params(params))
+    client.log_batch(run.info.run_id, params=params_of(params))
     return run.info.run_id
 
 
@@ -68,12 +62,6 @@ def failure_counts(failed: list) -> str:
     return ", ".join(f"{kind} x{n}" for kind, n in kinds.most_common())
 
 
-def _params(values: dict):
-    from mlflow.entities import Param
-
-    return [Param(k, str(v)[:6000]) for k, v in values.items()]
-
-
 class NestedMLflowCallback(MLflowLoggerCallback):
     """Trial runs nested under the study's parent run; metrics come from the workers."""
 
@@ -102,7 +90,7 @@ class NestedMLflowCallback(MLflowLoggerCallback):
                 "trial_name": str(trial)}
         run = self.mlflow_util.start_run(tags=tags, run_name=f"{self.study}-{trial.trial_id}")
         self._trial_runs[trial] = run.info.run_id
-        client.log_batch(run.info.run_id, params=_params(trial_config(trial.config).to_dict()))
+        client.log_batch(run.info.run_id, params=params_of(trial_config(trial.config).to_dict()))
 
     def log_trial_result(self, iteration: int, trial, result: dict) -> None:
         pass  # rank 0 logs metrics straight to the run (per step, and the finals before reporting)
@@ -116,96 +104,3 @@ class NestedMLflowCallback(MLflowLoggerCallback):
             # the trial died before it could say why itself (study.study_trial): Tune's text of the error
             record_failure(client, run_id, *failure_from_text(trial.error_file))
         self.mlflow_util.end_run(run_id=run_id, status="FAILED" if failed else "FINISHED")
-
-
-def record_failure(client: MlflowClient, run_id: str, reason: str, text: str) -> None:
-    """A failed trial's run says why: the `failure_reason` tag and the artifact `error/traceback.txt`."""
-    client.set_tag(run_id, "failure_reason", reason[:500])
-    client.log_text(run_id, f"{reason}\n\n{text}", "error/traceback.txt")
-
-
-def describe(error: BaseException) -> tuple[str, str]:
-    """Why a trial failed, from the exception in hand: (`Type: first line of the message` of the root
-    cause under Ray's wrappers, the whole traceback with each failed rank's)."""
-    import traceback
-
-    root = root_cause(error)
-    first = (str(root).strip().splitlines() or [""])[0]
-    reason = f"{type(root).__name__}: {first}" if first else type(root).__name__
-    return reason, _plain("".join(traceback.format_exception(error)))
-
-
-def failure_from_text(error_file: str | None) -> tuple[str, str]:
-    """Why a trial failed, from the text Tune wrote beside it (its last line names the error). Only text:
-    Tune also pickles the exception there, and we load no pickles from storage."""
-    text = _plain(Path(error_file).read_text(errors="replace")) if error_file and Path(error_file).is_file() else ""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return (lines[-1] if lines else "unknown (Tune kept no error for this trial)"), text
-
-
-def _plain(text: str) -> str:
-    return re.sub(r"\x1b\[[0-9;]*m", "", text)  # Ray colours the remote traceback's header
-
-
-def root_cause(error: BaseException) -> BaseException:
-    """The exception that started it: through Ray's RayTaskError (`.cause`), Ray Train's
-    WorkerGroupError (`.worker_failures`, the lowest rank's) and Python's `__cause__` chain."""
-    seen = set()
-    while id(error) not in seen:
-        seen.add(id(error))
-        failures = getattr(error, "worker_failures", None)
-        cause = getattr(error, "cause", None)
-        if failures:
-            error = failures[min(failures)]
-        elif isinstance(cause, BaseException):
-            error = cause
-        elif error.__cause__ is not None:
-            error = error.__cause__
-        else:
-            break
-    return error
-
-
-class TrialLog:
-    """Rank 0's handle on its trial's MLflow run."""
-
-    def __init__(self, client: MlflowClient, run_id: str, flush_every: int = 50):
-        self.client, self.run_id, self.flush_every = client, run_id, flush_every
-        self._buffer: list[Metric] = []
-
-    @classmethod
-    def attach(cls, uri: str, experiment_id: str, trial_id: str, timeout_s: float = 120) -> "TrialLog":
-        client = MlflowClient(uri)
-        deadline = time.monotonic() + timeout_s
-        while True:  # the driver-side callback opens the run as the trial starts
-            run = find_trial_run(client, experiment_id, trial_id)
-            if run is not None:
-                return cls(client, run.info.run_id)
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"no MLflow run tagged {TRIAL_TAG}={trial_id} in experiment {experiment_id}")
-            time.sleep(0.5)
-
-    def metric(self, key: str, value: float, step: int) -> None:
-        self._buffer.append(Metric(key, float(value), int(time.time() * 1000), step))
-        if len(self._buffer) >= self.flush_every:
-            self.flush()
-
-    def flush(self) -> None:
-        for i in range(0, len(self._buffer), 1000):
-            self.client.log_batch(self.run_id, metrics=self._buffer[i:i + 1000])
-        self._buffer = []
-
-    def artifacts(self, local_dir: Path, artifact_path: str) -> None:
-        self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
-
-    def finish(self, metrics: dict, tags: dict) -> None:
-        self.flush()
-        now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
-                              tags=[_tag(k, v) for k, v in tags.items()])
-
-
-def _tag(key: str, value: str):
-    from mlflow.entities import RunTag
-
-    return RunTag(key, str(value))

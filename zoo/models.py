@@ -1,6 +1,6 @@
 """The laptop model zoo: tiny pretrained models the project builds and caches itself.
 
-    python -m study.zoo            # build (once) and print where the zoo lives
+    python -m zoo                  # build (once) and print where the zoo and the world live
 
 No hub is reachable here or on many clusters' compute nodes, so the default study
 stands on models we make: a byte-level BPE tokenizer (trained with `tokenizers`)
@@ -21,16 +21,10 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
-import torch
-from filelock import FileLock
-from tqdm.auto import tqdm
-
-from study import world
+from zoo import cache, world
 
 ZOO_VERSION = 1
 SEED = 0
@@ -61,16 +55,12 @@ VISION = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, interm
 VISION_STEPS = 300
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("MMSCALE_CACHE") or Path.home() / ".cache" / "mmscale")
-
-
 def zoo_dir() -> Path:
-    return cache_dir() / f"zoo-v{ZOO_VERSION}-seed{SEED}"
+    return cache.cache_dir() / f"zoo-v{ZOO_VERSION}-seed{SEED}"
 
 
 def world_dir() -> Path:
-    return cache_dir() / f"world-v{ZOO_VERSION}-seed{SEED}"
+    return cache.cache_dir() / f"world-v{ZOO_VERSION}-seed{SEED}"
 
 
 def llm_path(size: str) -> Path:
@@ -135,6 +125,7 @@ def _batches(items: list, batch_size: int, steps: int, rng: random.Random):
 
 
 def pretrain_llm(size: str, tokenizer, convs: list, steps: int, seed: int = SEED, bar=None):
+    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -169,6 +160,7 @@ def image_processor(image_size: int):
 
 def pretrain_vision(image_size: int, tokenizer, steps: int, seed: int = SEED, bar=None):
     """Contrastive CLIP pretraining on (image, caption) pairs; returns the vision tower."""
+    import torch
     from transformers import CLIPConfig, CLIPModel, CLIPVisionModel
 
     torch.manual_seed(seed)
@@ -201,6 +193,8 @@ def pretrain_vision(image_size: int, tokenizer, steps: int, seed: int = SEED, ba
 
 def build(out: Path, seed: int = SEED) -> None:
     """Build the whole zoo into `out` (a fresh directory)."""
+    from tqdm.auto import tqdm
+
     rng = random.Random(seed)
     convs = _corpus(rng, 6000)
     total = sum(LLM_STEPS.values()) + VISION_STEPS * len(IMAGE_SIZES)
@@ -217,31 +211,11 @@ def build(out: Path, seed: int = SEED) -> None:
             image_processor(image_size).save_pretrained(out / f"clip-{image_size}")
 
 
-def _ensure(target: Path, make) -> Path:
-    """Build `target` once: under a file lock, into a temporary sibling, then rename."""
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
-        if target.exists():
-            return target
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=target.name + ".tmp-"))
-        try:
-            make(tmp)
-            os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
 def ensure_zoo() -> Path:
-    return _ensure(zoo_dir(), build)
+    return cache.ensure(zoo_dir(), build)
 
 
 def ensure_world() -> Path:
-    return _ensure(world_dir(), lambda d: world.write(d, seed=SEED))
+    return cache.ensure(world_dir(), lambda d: world.write(d, seed=SEED))
 
 
-if __name__ == "__main__":
-    print(ensure_world())
-    print(ensure_zoo())
