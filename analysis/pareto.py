@@ -33,14 +33,16 @@ import numpy as np
 import pandas as pd
 
 from analysis.runs import AnalysisError
+from tracking import metrics
 from trainables.config import TrialConfig
 
-# Higher is better for these; every other metric is a cost (lower is better).
-MAXIMIZE = {"score", "score_best", "score_mean", "samples_per_s"}
+# The tables' aggregates of a score, maximised like the score (tracking.metrics has the metrics' directions).
+AGGREGATES_MAXIMIZED = {"score_best", "score_mean"}
 
 
 def direction(column: str) -> str:
-    return "max" if column in MAXIMIZE else "min"
+    """'max' where higher is better (tracking.metrics' table), else 'min': every cost, and any other column."""
+    return "max" if column in AGGREGATES_MAXIMIZED else metrics.direction(column)
 
 
 def objectives_of(objectives: Iterable[str] | Mapping[str, str]) -> dict[str, str]:

@@ -21,13 +21,12 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from analysis.pareto import Frontier
 from analysis.runs import AnalysisError
-from analysis.tables import RANK_METHODS, finished, size_key
+from analysis.tables import finished, size_key
+from tracking.metrics import METRICS
 
-LABELS = {"score": "score (0-100, higher is better)", "gpu_hours": "GPU-hours per node",
-          "dollars": "cost ($)", "trainable_params": "trainable parameters", "peak_mem_gb": "peak memory (GB)",
-          "artifact_mb": "artifact size (MB)", "samples_per_s": "throughput (samples/s)",
-          "lr": "learning rate", "lora_rank": "LoRA rank r", "stage1_gpu_hours": "stage-1 GPU-hours per node",
-          "stage2_gpu_hours": "stage-2 GPU-hours per node"}
+# Axis labels: the metrics' from tracking.metrics, the params' here.
+LABELS = {**{name: m.label for name, m in METRICS.items()},
+          "lr": "learning rate", "lora_rank": "LoRA rank r", "alpha_per_rank": "LoRA alpha / rank"}
 LOG_DECADES = 1.5  # a cost axis spanning this many decades or more is drawn on a log scale
 MARKERS = "osD^vP*Xph"
 
@@ -37,11 +36,13 @@ def axis_label(column: str) -> str:
 
 
 def trial_label(row) -> str:
-    """method, model size and (for LoRA-style methods) rank: "lora 1m r16"."""
-    label = f"{row.get('method', '?')} {row.get('model_size', '?')}"
-    if row.get("method") in RANK_METHODS and pd.notna(row.get("lora_rank")):
-        label += f" r{int(row['lora_rank'])}"
-    return label
+    """Method, model size and what tells the method's trials apart (the registry says): "lora 1m r16"."""
+    from trainables.methods import METHODS
+
+    method = row.get("method", "?")
+    label = METHODS[method].label(row) if method in METHODS else str(method)
+    parts = label.split(" ", 1)
+    return " ".join([parts[0], str(row.get("model_size", "?"))] + parts[1:])
 
 
 def _figure(width: float = 7.5, height: float = 4.8):
@@ -140,7 +141,7 @@ def _place_labels(fig: Figure, ax, xs, ys, texts) -> None:
 def rank_plot(trials: pd.DataFrame) -> Figure:
     """Score against LoRA rank, one line (the best trial per rank) and its trials per model size."""
     df = finished(trials)
-    df = df[df["method"].isin(RANK_METHODS)] if "method" in df else df.iloc[0:0]
+    df = df[df["lora_rank"].notna()] if "lora_rank" in df else df.iloc[0:0]  # tidy blanked it where it does not apply
     fig, ax = _figure()
     _, markers = _styles(df)
     for i, (size, group) in enumerate(sorted(df.groupby("model_size"), key=lambda kv: size_key(kv[0]))):

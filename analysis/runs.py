@@ -20,24 +20,22 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from tracking.metrics import METRICS
 from tracking.store import STUDY_TAG, all_runs, resolve_uri
 from trainables.config import parse_param
 
 COST_COLUMNS = ["gpu_hours", "dollars", "trainable_params", "peak_mem_gb", "artifact_mb", "samples_per_s"]
-# The methods whose LoRA rank and alpha mean something; for the others the logged
-# default is a leftover of the schema, so tables leave it blank instead of showing it.
-RANK_METHODS = {"lora", "qlora"}
 TABLE_COLUMNS = ["model_size", "method", "lora_rank", "lora_alpha", "lr", "score"] + COST_COLUMNS
 # Shown after the fixed columns when a study varies them (the resolution and data-mixing axes) or logs them.
 VARYING_COLUMNS = ["image_size", "mix_ratio", "adapter_dim", "router_temperature"]
 EXTRA_SCORES = ["text_score"]
 RUN_COLUMNS = ["run_id", "status", "parent_run_id", "study", "experiment"]
 
-# How each column reads in a table: tiny costs in scientific notation, counts with separators.
-FORMATS = {"lr": "{:.2e}", "gpu_hours": "{:.2e}", "stage1_gpu_hours": "{:.2e}", "stage2_gpu_hours": "{:.2e}",
-           "dollars": "{:.4f}", "score": "{:.1f}", "score_best": "{:.1f}", "score_mean": "{:.1f}",
-           "score_std": "{:.1f}", "text_score": "{:.1f}", "peak_mem_gb": "{:.2f}", "samples_per_s": "{:.0f}", "artifact_mb": "{:.2f}",
-           "trainable_params": "{:,.0f}", "lora_alpha": "{:g}", "mix_ratio": "{:g}"}
+# How each column reads in a table: metrics as tracking.metrics says (tiny costs in scientific
+# notation, counts with separators), the params and the tables' aggregates of a score here.
+FORMATS = {**{name: m.fmt for name, m in METRICS.items()},
+           "lr": "{:.2e}", "lora_alpha": "{:g}", "alpha_per_rank": "{:g}", "mix_ratio": "{:g}",
+           "score_best": "{:.1f}", "score_mean": "{:.1f}", "score_std": "{:.1f}"}
 
 
 class AnalysisError(KeyError):
@@ -98,6 +96,24 @@ def formatted(view: pd.DataFrame) -> pd.DataFrame:
     return view.astype(object).where(view.notna(), "-")
 
 
+def not_applicable_blanked(df: pd.DataFrame) -> pd.DataFrame:
+    """Params a trial's method does not read left blank (NaN): runs log only the params that apply, but a
+    store written by an older version holds leftovers such as `lora_rank` on a full run (the method
+    registry says which field is whose)."""
+    from trainables.methods import METHODS, method_fields
+
+    if "method" not in df or df.empty:
+        return df
+    df = df.copy()
+    for col in sorted(method_fields() | {"alpha_per_rank"}):
+        if col not in df:
+            continue
+        owner = "lora_alpha" if col == "alpha_per_rank" else col
+        applies = df["method"].map(lambda m: m in METHODS and owner in METHODS[m].fields)
+        df[col] = df[col].mask(~applies.astype(bool))
+    return df
+
+
 def format_table(df: pd.DataFrame, sort_by: str = "score") -> str:
     """Trials sorted by score with their cost columns, as aligned text."""
     if df.empty:
@@ -107,9 +123,7 @@ def format_table(df: pd.DataFrame, sort_by: str = "score") -> str:
     at = cols.index("score") + 1 if "score" in cols else len(cols)
     cols[at:at] = [c for c in EXTRA_SCORES if c in df.columns and df[c].notna().any()]
     cols = cols[:2] + varying + cols[2:]
-    if "method" in df:
-        no_rank = ~df["method"].isin(RANK_METHODS)
-        df = df.assign(**{c: df[c].astype(object).mask(no_rank) for c in ("lora_rank", "lora_alpha") if c in df})
+    df = not_applicable_blanked(df)
     view = df.sort_values(sort_by, ascending=False, na_position="last")[cols] \
         if sort_by in df.columns else df[cols]
     return formatted(view).to_string(index=False)

@@ -16,7 +16,8 @@ import re
 
 import pandas as pd
 
-from analysis.runs import RANK_METHODS, formatted
+from analysis.runs import formatted, not_applicable_blanked
+
 FACTORS = ["model_size", "method", "image_size", "mix_ratio", "lora_rank", "lora_alpha", "alpha_per_rank"]
 COSTS = ["gpu_hours", "dollars", "trainable_params", "peak_mem_gb", "artifact_mb"]
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)([kmbt]?)$", re.IGNORECASE)
@@ -39,16 +40,15 @@ def finished(trials: pd.DataFrame) -> pd.DataFrame:
 
 
 def tidy(trials: pd.DataFrame) -> pd.DataFrame:
-    """LoRA rank and alpha blanked for methods that have none, and `alpha_per_rank` added
-    (lora_alpha / lora_rank: what the paper's "alpha = 2 x rank" finding is about)."""
+    """Params that do not apply to a trial's method blank, LoRA rank as an integer, and `alpha_per_rank`
+    (lora_alpha / lora_rank: what the paper's "alpha = 2 x rank" finding is about) where it was not logged."""
     df = trials.copy()
-    if "method" in df:
-        no_rank = ~df["method"].isin(RANK_METHODS)
-        for col in ("lora_rank", "lora_alpha"):
-            if col in df:
-                df[col] = df[col].astype("Float64" if col == "lora_alpha" else "Int64").mask(no_rank)
     if "lora_alpha" in df and "lora_rank" in df:
-        df["alpha_per_rank"] = df["lora_alpha"] / df["lora_rank"]
+        computed = df["lora_alpha"] / df["lora_rank"]
+        df["alpha_per_rank"] = df["alpha_per_rank"].fillna(computed) if "alpha_per_rank" in df else computed
+    df = not_applicable_blanked(df)
+    if "lora_rank" in df:
+        df["lora_rank"] = df["lora_rank"].astype("Float64").astype("Int64")
     return df
 
 

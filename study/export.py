@@ -1,22 +1,19 @@
 """Export a trial as a Hugging Face LLaVA checkpoint: the input of lmms-eval's `llava_hf` and `from_pretrained`.
 
-    python -m study.export RUN_ID --out DIR [--tracking-uri URI]
+    python -m study.export RUN_ID --out DIR [--tracking-uri URI] [--base DIR]
 
-The trial's method comes from its MLflow params, never from folder names:
-- lora / qlora: the `adapter/` artifact merged into its base (the stage-1 checkpoint its
-  adapter config names). QLoRA merges into the dequantized NF4 base it was trained on,
-  so the export computes what the trial evaluated.
-- full: the `model/` artifact is already a checkpoint; it is copied and checked.
-- mma: the base LLaVA plus `mma/` (adapter weights, config), loaded with
-  `trainables.methods.mma.MMAModel.from_pretrained(DIR / "mma", base=DIR)`; no stock
-  class knows LaVIN's adapters.
-Exit 0 on success, 2 on bad input (one `error:` line naming the run / file), 1 otherwise.
+The trial's method comes from its MLflow params, and the method registry says how it
+exports (trainables.methods: LoRA / QLoRA merged into the base they trained on, full
+copied as it is, MMA's adapters beside the base with their own loader). `--base` names
+the base checkpoint (the stage-1 result the artifact records) when the study's storage
+has moved since. The checkpoint is written into a staging folder beside DIR and renamed
+into place only when `from_pretrained` loads it; on any failure nothing is left behind.
+Exit 0 on success, 2 on bad input (one `error:` line naming the run / file / flag), 1 otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -36,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("run_id", help="MLflow run id of a trial (a nested run of a study)")
     p.add_argument("--out", required=True, help="directory to write the checkpoint to (must not exist or be empty)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    p.add_argument("--base", help="the base checkpoint the trial trained on, if it moved from where the run "
+                                  "recorded it (the stage-1 folder under the study's --storage)")
     return p
 
 
@@ -59,64 +58,52 @@ def trial_of(client, run_id: str):
         raise ExportError(f"run {run_id}: {e}") from None
 
 
-def _base_of(artifact: Path, config_name: str, key: str, run_id: str) -> Path:
-    base = Path(json.loads((artifact / config_name).read_text())[key])
-    if not (base / "config.json").exists():
-        raise ExportError(f"run {run_id}: base checkpoint {base} (from {artifact.name}/{config_name}) is gone; "
-                          "was the study's --storage moved or deleted?")
+def base_checkpoint(method, artifact: Path, given: str | None, run_id: str) -> Path | None:
+    """The checkpoint the artifact was trained on: `--base` if given, else the one it records (None: the
+    artifact is a whole model). ExportError when it is not a loadable checkpoint."""
+    recorded = method.base_of(artifact)
+    if given is None and recorded is None:
+        return None
+    base = Path(given).resolve() if given is not None else Path(recorded)
+    if not (base / "config.json").is_file():
+        where = "--base" if given is not None else f"the run's {method.artifact}/ artifact"
+        raise ExportError(f"run {run_id}: base checkpoint {base} (from {where}) has no config.json; if the "
+                          "study's --storage moved, pass --base with the stage-1 folder's new place")
     return base
 
 
-def merge_lora(adapter: Path, cfg, run_id: str):
-    """The trained LLaVA with its LoRA merged (QLoRA: into the dequantized 4-bit base it trained on)."""
-    from peft import PeftModel
-
-    from trainables.methods.qlora import quantization_config
-    from trainables.model import load_llava
-
-    base_dir = _base_of(adapter, "adapter_config.json", "base_model_name_or_path", run_id)
-    quantization = quantization_config(cfg)
-    base = load_llava(base_dir, cfg.replace(use_gpu=False), quantization)
-    if quantization is not None:
-        base = base.dequantize()  # NF4 -> fp32, exactly the weights the adapter was trained against
-    return PeftModel.from_pretrained(base, adapter).merge_and_unload(), base_dir
+def check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out}: is a file, not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        raise ExportError(f"--out {out}: exists and is not empty")
 
 
-def export(client, run_id: str, out: Path) -> Path:
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+def export(client, run_id: str, out: Path, base: str | None = None) -> Path:
+    from transformers import LlavaForConditionalGeneration
 
     from trainables.methods import METHODS
 
     cfg, run = trial_of(client, run_id)
     method = METHODS[cfg.method]
-    if out.exists() and any(out.iterdir()):
-        raise ExportError(f"--out {out}: exists and is not empty")
+    check_out(out)
     with tempfile.TemporaryDirectory() as tmp:
         try:
             artifact = Path(client.download_artifacts(run_id, method.artifact, tmp))
         except Exception:  # MLflow raises several kinds for a missing artifact
             raise ExportError(f"run {run_id}: has no {method.artifact}/ artifact (did the trial finish saving?)") \
                 from None
+        base_dir = base_checkpoint(method, artifact, base, run_id)
         out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=".export-"))  # renamed into place when complete
-        if cfg.method in ("lora", "qlora"):
-            model, base_dir = merge_lora(artifact, cfg, run_id)
-            model.save_pretrained(staging)
-            AutoProcessor.from_pretrained(base_dir).save_pretrained(staging)
-        elif cfg.method == "full":
-            shutil.copytree(artifact, staging, dirs_exist_ok=True)
-        else:  # mma: its own loader; the base LLaVA is written beside it so the folder is self-contained
-            base_dir = _base_of(artifact, "mma_config.json", "base_model_name_or_path", run_id)
-            LlavaForConditionalGeneration.from_pretrained(base_dir).save_pretrained(staging)
-            AutoProcessor.from_pretrained(base_dir).save_pretrained(staging)
-            shutil.copytree(artifact, staging / "mma")
-            conf = json.loads((staging / "mma" / "mma_config.json").read_text())
-            conf["base_model_name_or_path"] = ".."  # relative: the folder can be moved whole
-            (staging / "mma" / "mma_config.json").write_text(json.dumps(conf, indent=2))
-        LlavaForConditionalGeneration.from_pretrained(staging)  # what lmms-eval will do; fail here, not there
-        if out.exists():
-            out.rmdir()
-        staging.rename(out)
+        staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.export-"))
+        try:
+            method.export(artifact, cfg, staging, base_dir)
+            LlavaForConditionalGeneration.from_pretrained(staging)  # what lmms-eval will do; fail here, not there
+            if out.exists():
+                out.rmdir()  # empty (checked above)
+            staging.rename(out)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # gone already when the rename succeeded
     return out
 
 
@@ -128,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
         uri = resolve_uri(args.tracking_uri)
-        out = export(MlflowClient(uri), args.run_id, Path(args.out).resolve())
+        out = export(MlflowClient(uri), args.run_id, Path(args.out).resolve(), args.base)
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

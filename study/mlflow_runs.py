@@ -90,7 +90,7 @@ class NestedMLflowCallback(MLflowLoggerCallback):
                 "trial_name": str(trial)}
         run = self.mlflow_util.start_run(tags=tags, run_name=f"{self.study}-{trial.trial_id}")
         self._trial_runs[trial] = run.info.run_id
-        client.log_batch(run.info.run_id, params=params_of(trial_config(trial.config).to_dict()))
+        client.log_batch(run.info.run_id, params=params_of(trial_config(trial.config).logged_params()))
 
     def log_trial_result(self, iteration: int, trial, result: dict) -> None:
         pass  # rank 0 logs metrics straight to the run (per step, and the finals before reporting)

@@ -74,15 +74,16 @@ class Int:
 
 
 @dataclass(frozen=True)
-class TimesRank:
+class AlphaPerRank:
     """lora_alpha searched as a multiple of lora_rank (the paper: alpha = 2 x rank is best).
 
-    Optuna sees the multiplier as `lora_alpha_over_rank`; the trial gets `lora_alpha`.
+    One name end to end: Optuna's parameter, the logged param and the analysis column are
+    `alpha_per_rank`; the trial gets `lora_alpha` = lora_rank x alpha_per_rank.
     """
     multiplier: Any
 
     def suggest(self, trial, name, chosen):
-        return chosen["lora_rank"] * self.multiplier.suggest(trial, f"{name}_over_rank", chosen)
+        return chosen["lora_rank"] * self.multiplier.suggest(trial, "alpha_per_rank", chosen)
 
     def corners(self):
         return [m for m in self.multiplier.corners()]
@@ -105,8 +106,9 @@ def randint(low, high) -> Int:
     return Int(int(low), int(high))
 
 
-def times_rank(multiplier) -> TimesRank:
-    return TimesRank(multiplier if hasattr(multiplier, "suggest") else choice(multiplier))
+def alpha_per_rank(multiplier) -> AlphaPerRank:
+    """`SPACE["lora_alpha"] = alpha_per_rank(choice([1, 2, 4]))`: alpha searched as a multiple of the rank."""
+    return AlphaPerRank(multiplier if hasattr(multiplier, "suggest") else choice(multiplier))
 
 
 @dataclass(frozen=True)
@@ -117,7 +119,7 @@ class DefineByRun:
 
     def __call__(self, trial) -> dict:
         chosen = dict(self.constants)
-        for key in sorted(self.space, key=lambda k: isinstance(self.space[k], TimesRank)):
+        for key in sorted(self.space, key=lambda k: isinstance(self.space[k], AlphaPerRank)):
             chosen[key] = self.space[key].suggest(trial, key, chosen)
         return {k: v for k, v in self.constants.items() if k not in self.space}
 
@@ -210,13 +212,13 @@ def validate(space: Space) -> None:
     for key, spec in space.space.items():
         if not hasattr(spec, "suggest"):
             raise SpaceError(f"{path}: SPACE[{key!r}] = {spec!r} is not a distribution "
-                             "(use choice / uniform / loguniform / randint / times_rank)")
+                             "(use choice / uniform / loguniform / randint / alpha_per_rank)")
         if isinstance(spec, (Float, Int)) and not spec.low <= spec.high:
             raise SpaceError(f"{path}: SPACE[{key!r}]: low {spec.low} > high {spec.high}")
         if isinstance(spec, Float) and spec.log and spec.low <= 0:
             raise SpaceError(f"{path}: SPACE[{key!r}]: a log range needs low > 0, got {spec.low}")
-        if isinstance(spec, TimesRank) and "lora_rank" not in space.space and "lora_rank" not in space.fixed:
-            raise SpaceError(f"{path}: SPACE[{key!r}]: times_rank needs lora_rank")
+        if isinstance(spec, AlphaPerRank) and "lora_rank" not in space.space and "lora_rank" not in space.fixed:
+            raise SpaceError(f"{path}: SPACE[{key!r}]: alpha_per_rank needs lora_rank")
     # Every corner of the space, with and without the smoke overrides, must be a valid TrialConfig.
     for smoke in (False, True):
         base = space.constants(smoke)
@@ -224,7 +226,7 @@ def validate(space: Space) -> None:
         ranks = _corners(space.space.get("lora_rank")) or [base.get("lora_rank", TrialConfig.lora_rank)]
         for key, spec in space.space.items():
             for value in spec.corners():
-                if isinstance(spec, TimesRank):
+                if isinstance(spec, AlphaPerRank):
                     for r in ranks:
                         _check(path, f"SPACE[{key!r}]", {**base, "lora_rank": r, key: r * value}, key)
                 else:

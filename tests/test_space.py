@@ -23,8 +23,8 @@ def test_space_file_loads_and_samples(path):
 
 def test_alpha_as_multiple_of_rank(tmp_path):
     f = tmp_path / "s.py"
-    f.write_text("from study.space import choice, times_rank\n"
-                 "SPACE = {'lora_rank': choice([8, 64]), 'lora_alpha': times_rank([2])}\n")
+    f.write_text("from study.space import choice, alpha_per_rank\n"
+                 "SPACE = {'lora_rank': choice([8, 64]), 'lora_alpha': alpha_per_rank([2])}\n")
     for seed in range(4):
         cfg = spaces.load(f).sample(seed=seed)
         assert cfg.lora_alpha == 2 * cfg.lora_rank
@@ -36,7 +36,7 @@ def test_alpha_as_multiple_of_rank(tmp_path):
     ("SPACE = {'lr': loguniform(0, 1e-3)}", "lr"),
     ("SPACE = {'lr': uniform(-1.0, 1e-3)}", "lr"),
     ("SPACE = {'model_size': choice(['1m', '65b'])}", "model_size"),
-    ("SPACE = {'lora_alpha': times_rank([0])}", "lora_alpha"),
+    ("SPACE = {'lora_alpha': alpha_per_rank([0])}", "lora_alpha"),
     ("SPACE = {}\nFIXED = {'method': 'dora'}", "method"),
     ("SPACE = {}\nNUM_SAMPELS = 3", "NUM_SAMPELS"),
     ("FIXED = {}", "SPACE"),
@@ -53,7 +53,7 @@ def test_alpha_as_multiple_of_rank(tmp_path):
 ])
 def test_bad_space_files_name_the_key(tmp_path, body, culprit):
     f = tmp_path / "bad.py"
-    f.write_text("from study.space import choice, loguniform, uniform, times_rank\n" + body + "\n")
+    f.write_text("from study.space import choice, loguniform, uniform, alpha_per_rank\n" + body + "\n")
     with pytest.raises(spaces.SpaceError, match=culprit) as e:
         spaces.load(f)
     assert str(f) in str(e.value)

@@ -17,6 +17,7 @@ from pathlib import Path
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
+from tracking.metrics import spec
 from tracking.store import TRIAL_TAG, find_trial_run
 
 class TrialLog:
@@ -39,6 +40,9 @@ class TrialLog:
             time.sleep(0.5)
 
     def metric(self, key: str, value: float, step: int) -> None:
+        """One per-step value (`key` must be a per-step metric of tracking.metrics.METRICS)."""
+        if not spec(key).per_step:
+            raise ValueError(f"{key} is logged once per trial, not per step (tracking.metrics)")
         self._buffer.append(Metric(key, float(value), int(time.time() * 1000), step))
         if len(self._buffer) >= self.flush_every:
             self.flush()
@@ -52,6 +56,9 @@ class TrialLog:
         self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
 
     def finish(self, metrics: dict, tags: dict) -> None:
+        """The trial's final metrics (every name in tracking.metrics.METRICS, or UnknownMetric) and tags."""
+        for key in metrics:
+            spec(key)
         self.flush()
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],

@@ -27,8 +27,8 @@ def _doc(text: str, **kw) -> Any:
 class TrialConfig:
     # --- what is studied ---
     method: str = _doc("tuning method of stage 2 (see trainables.methods.METHODS)", default="lora")
-    model_size: str = _doc("zoo LLM name (0.3m, 1m, 3.6m), or a Hugging Face id / local path on a cluster",
-                           default="1m")
+    model_size: str = _doc("the LLM: a zoo size (0.3m, 1m, 3.6m) or a Hugging Face id / local path "
+                           "(e.g. lmsys/vicuna-7b-v1.5 on a cluster)", default="1m")
     vision_tower: str = _doc("vision tower id or path; empty = the zoo tower at image_size", default="")
     image_size: int = _doc("input resolution of the vision tower (zoo: 32 or 48; CLIP-L: 224 or 336)",
                            default=32)
@@ -142,16 +142,36 @@ class TrialConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def logged_params(self) -> dict[str, Any]:
+        """The params MLflow logs for this trial: the fields every trial shares, its method's own (no
+        `lora_rank` on a full run: the registry says which are whose), `alpha_per_rank` beside
+        `lora_alpha`, and stage 1's only where the trial has a stage 1 (`stage1_steps` 0 otherwise)."""
+        from trainables.methods import METHODS, method_fields
+
+        method = METHODS[self.method]
+        others = method_fields() - set(method.fields)
+        values = {k: v for k, v in self.to_dict().items() if k not in others}
+        if "lora_alpha" in values and "lora_rank" in values:
+            values["alpha_per_rank"] = self.lora_alpha / self.lora_rank
+        if not method.two_stage or self.stage1_steps == 0:
+            values["stage1_steps"] = 0
+            values.pop("stage1_lr", None)
+        return values
+
     def replace(self, **changes) -> "TrialConfig":
         return TrialConfig.from_dict({**self.to_dict(), **changes})
+
+
+# Params logged beside the fields, derived from them (TrialConfig.logged_params), with their types.
+DERIVED = {"alpha_per_rank": float}
 
 
 def parse_param(key: str, value: str) -> Any:
     """A logged param back in its TrialConfig type; keys outside the schema, or unparsable values, stay strings."""
     field = TrialConfig.__dataclass_fields__.get(key)
-    if field is None:
+    if field is None and key not in DERIVED:
         return value
-    kind = type(field.default)
+    kind = DERIVED.get(key) or type(field.default)
     if kind is bool:
         return value == "True"
     try:
@@ -179,9 +199,10 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
 def trial_config(tune_config: dict) -> TrialConfig:
     """A Tune trial's config (Optuna's names + constants) -> TrialConfig.
 
-    The one derived key: `<key>_over_rank` (from times_rank) becomes `<key>` = lora_rank x multiplier.
+    The one derived key: `alpha_per_rank` (study.space.alpha_per_rank, the paper's "alpha = 2 x rank")
+    becomes `lora_alpha` = lora_rank x alpha_per_rank.
     """
     values = dict(tune_config)
-    for name in [k for k in values if k.endswith("_over_rank")]:
-        values[name[: -len("_over_rank")]] = values["lora_rank"] * values.pop(name)
+    if "alpha_per_rank" in values:
+        values["lora_alpha"] = values["lora_rank"] * values.pop("alpha_per_rank")
     return TrialConfig.from_dict(values)

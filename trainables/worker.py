@@ -308,12 +308,9 @@ def run(cfg: TrialConfig, rank: int, world: int, device, log=None, name: str = "
         "stage2_gpu_hours": cost(cfg, seconds, world)["gpu_hours"],
         "trainable_params": sum(counts.values()),
         "stage1_trainable_params": s1["trainable_params"],
-        "stage2_trainable_params": sum(counts.values()),
-        "peak_mem_gb": float(peak_t.item()),
-        f"peak_{source}_gb": float(peak_t.item()),  # the same number, named by what it measures
+        "peak_mem_gb": float(peak_t.item()),  # what it measures is the tag peak_mem_source
         "samples_per_s": cfg.batch_size * cfg.stage2_steps / seconds,
         "final_train_loss": loss,
-        "skipped_samples": skipped,
     })
     with tempfile.TemporaryDirectory() as tmp:
         artifact = Path(tmp) / METHODS[cfg.method].artifact

@@ -6,6 +6,8 @@ checkpoint (ZeRO-3 shards gathered on save) that `from_pretrained` and lmms-eval
 
 from __future__ import annotations
 
+import shutil
+
 from trainables.methods.stages import FROZEN, FULL, Method, load_base
 
 STAGE2 = {"vision_tower": FROZEN, "projector": FULL, "llm": FULL}
@@ -20,4 +22,10 @@ def save(ctx, engine, out) -> None:
         ctx.processor.save_pretrained(out)
 
 
-METHOD = Method("full", STAGE2, "model", load=load_base, save=save)
+def export(artifact, cfg, out, base) -> None:
+    """The artifact is already a whole checkpoint: copied as it is."""
+    shutil.copytree(artifact, out, dirs_exist_ok=True)
+
+
+METHOD = Method("full", STAGE2, "model", load=load_base, save=save, export=export, fields=("projector_lr",),
+                description="every LLM weight and the projector")

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
-
 from trainables.methods import lora
 
 # Parts kept in full precision: only the LLM's linear layers are quantized (the QLoRA recipe).
@@ -19,7 +17,9 @@ from trainables.methods import lora
 KEEP_UNQUANTIZED = [r".*vision_tower", r".*multi_modal_projector", "lm_head"]
 
 
-def compute_dtype(cfg) -> torch.dtype:
+def compute_dtype(cfg):
+    import torch
+
     return torch.bfloat16 if cfg.use_gpu else torch.float32
 
 
@@ -65,4 +65,5 @@ def wrap(model, cfg):
     return lora.wrap(model, cfg)
 
 
-METHOD = dataclasses.replace(lora.METHOD, name="qlora", load=load, wrap=wrap, quantize_base=True)
+METHOD = dataclasses.replace(lora.METHOD, name="qlora", load=load, wrap=wrap, quantize_base=True,
+                             description="LoRA over a 4-bit NF4 base (bitsandbytes, double quantization)")

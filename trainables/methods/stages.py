@@ -8,11 +8,13 @@ trainable-parameter count per part, which the worker logs. Nothing else touches
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
+if TYPE_CHECKING:  # the registry is read by analysis/, which must not need torch to label a trial
+    import torch
 
 FROZEN, LORA, ADAPTER, FULL = "frozen", "lora", "adapter", "full"
 # projector = LLaVA's 2-layer MLP; neck = MMA's visual neck and modality tokens (LaVIN), which replace it.
@@ -29,22 +31,36 @@ def _no_wrap(model, cfg):
 
 @dataclass(frozen=True)
 class Method:
-    """One tuning method: its stage-2 table and the few functions that differ between methods.
+    """One tuning method: everything the rest of the project may know about it (STYLE.md: the registry
+    is the only place that knows a method). Adding a method is one module in this package that
+    defines `METHOD` (found by `trainables.methods`), plus its space file.
 
+    stage2                             the stage-2 table: part -> FROZEN / LORA / ADAPTER / FULL
+    artifact                           the MLflow artifact folder it saves (adapter/, model/, mma/)
     load(base_dir, cfg) -> model       the stage-2 starting model (qlora: 4-bit base)
     wrap(model, cfg) -> model          adds adapters (PEFT LoRA, MM-Adapters); marks them trainable
     save(ctx, engine, out_dir)         writes the trial's artifact (a collective under ZeRO-3)
-    image_tokens(processor, cfg) -> n  placeholder tokens per image in the text
+    export(artifact, cfg, out, base)   writes a Hugging Face LLaVA checkpoint of the trained model into `out`
+    base_of(artifact) -> str | None    the checkpoint the artifact was trained on, as it records it (None:
+                                       the artifact is a whole model)
+    image_tokens(processor, cfg) -> n  placeholder tokens per image in the text (None: one per vision patch)
+    fields                             TrialConfig fields it reads beyond the shared ones: logged only for it
+    label_fields                       (field, format) pairs that tell its trials apart in a table or legend
     """
     name: str
     stage2: dict[str, str]
-    artifact: str  # the MLflow artifact folder: adapter/ (PEFT), model/ (HF LLaVA), mma/ (MM-Adapters)
+    artifact: str
     load: Callable
     save: Callable
+    export: Callable
+    base_of: Callable = lambda artifact: None  # noqa: E731
     wrap: Callable = _no_wrap
-    image_tokens: Callable | None = None  # None: one per vision patch, as LLaVA
+    image_tokens: Callable | None = None
     two_stage: bool = True  # False: no stage-1 training (MMA is single-stage)
     quantize_base: bool = False  # QLoRA = LoRA + this (decided in methods.qlora.quantization_config)
+    fields: tuple[str, ...] = ()
+    label_fields: tuple[tuple[str, str], ...] = ()
+    description: str = ""
 
     def problem(self, cfg) -> str | None:
         """A setting this method cannot run with, as a one-line reason (None if fine)."""
@@ -53,12 +69,30 @@ class Method:
                     "use zero_stage=2")
         return None
 
+    def label(self, values) -> str:
+        """How a trial of this method reads in a legend: "lora r16"; `values` is any mapping of its params."""
+        parts = [self.name]
+        for key, fmt in self.label_fields:
+            value = values.get(key) if hasattr(values, "get") else None
+            if value is not None and value == value:  # NaN: a run that did not log it
+                parts.append(fmt.format(value))
+        return " ".join(parts)
+
 
 def load_base(base, cfg):
     """The saved LLaVA (stage-1 result, or the assembled model for single-stage methods) to tune."""
     from trainables.model import load_llava
 
     return load_llava(base, cfg)
+
+
+def recorded_base(config_name: str, key: str = "base_model_name_or_path") -> Callable:
+    """`base_of` for artifacts that name their base checkpoint in a JSON file (PEFT's adapter_config.json)."""
+    def base_of(artifact: Path) -> str | None:
+        path = Path(artifact) / config_name
+        return json.loads(path.read_text()).get(key) if path.is_file() else None
+
+    return base_of
 
 
 def save_adapter(ctx, engine, out) -> None:
@@ -101,21 +135,27 @@ def apply_stage(model: torch.nn.Module, table: dict[str, str], cfg=None,
     return model, check_stage(model, table)
 
 
+class StageError(RuntimeError):
+    """A model that does not train what its stage table says (raised, not asserted: it holds under python -O)."""
+
+
 def check_stage(model: torch.nn.Module, table: dict[str, str]) -> dict[str, int]:
-    """Assert the model trains exactly what `table` says; return trainable counts per part in the table."""
+    """Check the model trains exactly what `table` says (StageError if not); return trainable counts per part."""
     counts = {part: 0 for part in table}
     for name, p in model.named_parameters():
         part = part_of(name)
-        assert part in table, f"{name}: the model has a {part} but this stage's table does not say what it does"
+        if part not in table:
+            raise StageError(f"{name}: the model has a {part} but this stage's table does not say what it does")
         mode = table[part]
         if p.requires_grad:
             counts[part] += p.numel()
-            ok = mode == FULL or (mode in ADAPTER_MARKS and ADAPTER_MARKS[mode] in name)
-            assert ok, f"{name} trains but {part} is {mode} in this stage"
-        elif mode == FULL:
-            assert "original_module" in name, f"{name} is frozen but {part} is fully trained in this stage"
+            if not (mode == FULL or (mode in ADAPTER_MARKS and ADAPTER_MARKS[mode] in name)):
+                raise StageError(f"{name} trains but {part} is {mode} in this stage")
+        elif mode == FULL and "original_module" not in name:
+            raise StageError(f"{name} is frozen but {part} is fully trained in this stage")
     for part, mode in table.items():
-        assert (counts[part] > 0) == (mode != FROZEN), f"{part} should be {mode}, trains {counts[part]} params"
+        if (counts[part] > 0) != (mode != FROZEN):
+            raise StageError(f"{part} should be {mode}, trains {counts[part]} params")
     return counts
 
 

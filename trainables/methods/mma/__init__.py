@@ -8,12 +8,16 @@ tuners: config.py (MMAConfig), layer.py (MMAdapter, VisualNeck), model.py (MMAMo
 
 from __future__ import annotations
 
-from trainables.methods.mma.config import MMAConfig
-from trainables.methods.mma.model import MMAModel
-from trainables.methods.stages import ADAPTER, FROZEN, FULL, Method, load_base, save_adapter
+import json
+import shutil
+
+from trainables.methods.mma.config import CONFIG_NAME, MMAConfig
+from trainables.methods.stages import ADAPTER, FROZEN, FULL, Method, load_base, recorded_base, save_adapter
 
 
-def wrap(model, cfg) -> MMAModel:
+def wrap(model, cfg):
+    from trainables.methods.mma.model import MMAModel
+
     return MMAModel(model, MMAConfig.from_trial(cfg))
 
 
@@ -27,7 +31,32 @@ def image_tokens(processor, cfg) -> int:
     return 1 + len(MMAConfig.from_trial(cfg).neck_layers(layers))
 
 
-METHOD = Method("mma", {"vision_tower": ADAPTER, "projector": FROZEN, "neck": FULL, "llm": ADAPTER}, "mma",
-                load=load_base, save=save_adapter, wrap=wrap, image_tokens=image_tokens, two_stage=False)
+def export(artifact, cfg, out, base) -> None:
+    """No stock class knows LaVIN's adapters: the base LLaVA is written with `mma/` beside it, loaded by
+    `MMAModel.from_pretrained(out / "mma", base=out)`; the base path is made relative so the folder moves whole."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-__all__ = ["METHOD", "MMAConfig", "MMAModel", "image_tokens", "wrap"]
+    LlavaForConditionalGeneration.from_pretrained(base).save_pretrained(out)
+    AutoProcessor.from_pretrained(base).save_pretrained(out)
+    shutil.copytree(artifact, out / "mma")
+    conf = json.loads((out / "mma" / CONFIG_NAME).read_text())
+    conf["base_model_name_or_path"] = ".."
+    (out / "mma" / CONFIG_NAME).write_text(json.dumps(conf, indent=2))
+
+
+def __getattr__(name: str):
+    if name == "MMAModel":  # torch is imported only by whoever builds or loads the model
+        from trainables.methods.mma.model import MMAModel
+
+        return MMAModel
+    raise AttributeError(name)
+
+
+METHOD = Method("mma", {"vision_tower": ADAPTER, "projector": FROZEN, "neck": FULL, "llm": ADAPTER}, "mma",
+                load=load_base, save=save_adapter, wrap=wrap, export=export, base_of=recorded_base(CONFIG_NAME),
+                image_tokens=image_tokens, two_stage=False,
+                fields=("adapter_dim", "router_temperature", "neck_dim", "neck_every"),
+                label_fields=(("adapter_dim", "d{:.0f}"),),
+                description="LaVIN's routed MM-Adapters in every vision and LLM block + a visual neck")
+
+__all__ = ["METHOD", "MMAConfig", "MMAModel", "export", "image_tokens", "wrap"]

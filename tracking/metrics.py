@@ -1,0 +1,108 @@
+"""The one table of the metrics a study logs: name, unit, direction, what it means, which stage makes it.
+
+    python -m tracking.metrics        # the table as Markdown (the README's "What MLflow holds" carries it)
+
+`trainables.worker` writes exactly these (`TrialLog` refuses a name that is not here),
+`analysis/` reads them for labels, number formats, axes and frontier directions, and a
+test holds the README's table against this one. Directions: "max" (higher is better),
+"min" (lower is better, every cost) or "" (neither: a count or a diagnostic).
+The cost convention is the scaling paper's (Lu et al. 2023, Table 4): GPU-hours per node
+= device-hours / devices per node (8 A100s), priced at $13.63 per node-hour.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MAX, MIN, NEITHER = "max", "min", ""
+# Stages: "stage1" (projector alignment), "stage2" (visual instruction tuning), "eval"
+# (held-out generation), "trial" (the whole trial), "study" (the study's own run).
+STAGES = ("stage1", "stage2", "eval", "trial", "study")
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str
+    unit: str
+    direction: str      # MAX, MIN or NEITHER
+    stage: str          # one of STAGES
+    description: str
+    label: str          # axis label
+    fmt: str = "{:g}"   # how a table shows one value
+    per_step: bool = False  # logged at every optimizer step (a curve), not once at the end
+
+
+_SPECS = [
+    MetricSpec("score", "0-100", MAX, "eval", "accuracy on the held-out multimodal split (greedy decoding; exact "
+               "match, or the option letter for multiple-choice questions)", "score (0-100, higher is better)",
+               "{:.1f}"),
+    MetricSpec("text_score", "0-100", MAX, "eval", "accuracy on the language-only held-out split (text.json's "
+               "text_eval.json): the text skill that visual tuning keeps (the paper's data-mixing question)",
+               "text-only score (0-100)", "{:.1f}"),
+    MetricSpec("multiple_choice", "questions", NEITHER, "eval", "held-out questions that list lettered options "
+               "(scored by the letter)", "multiple-choice questions", "{:.0f}"),
+    MetricSpec("unparsed", "questions", MIN, "eval", "multiple-choice answers that named no option (counted "
+               "wrong, never guessed)", "unparsed answers", "{:.0f}"),
+    MetricSpec("gpu_hours", "GPU-hours per node", MIN, "trial", "stage-1 + stage-2 training wall time x devices / "
+               "devices per node (a cached stage 1 is charged to every trial that uses it)", "GPU-hours per node",
+               "{:.2e}"),
+    MetricSpec("dollars", "$", MIN, "trial", "gpu_hours x price per node-hour (default $13.63)", "cost ($)",
+               "{:.4f}"),
+    MetricSpec("stage1_gpu_hours", "GPU-hours per node", MIN, "stage1", "stage 1's share of gpu_hours",
+               "stage-1 GPU-hours per node", "{:.2e}"),
+    MetricSpec("stage2_gpu_hours", "GPU-hours per node", MIN, "stage2", "stage 2's share of gpu_hours",
+               "stage-2 GPU-hours per node", "{:.2e}"),
+    MetricSpec("trainable_params", "parameters", MIN, "stage2", "parameters stage 2 trains (adapters, and the "
+               "projector where the method trains it; every LLM weight for full)", "trainable parameters",
+               "{:,.0f}"),
+    MetricSpec("stage1_trainable_params", "parameters", MIN, "stage1", "parameters stage 1 trains (the projector; "
+               "0 when the trial has no stage 1)", "stage-1 trainable parameters", "{:,.0f}"),
+    MetricSpec("peak_mem_gb", "GB", MIN, "trial", "peak memory of a worker: accelerator allocation on GPU, the "
+               "process's resident set on CPU (tag peak_mem_source says which)", "peak memory (GB)", "{:.2f}"),
+    MetricSpec("artifact_mb", "MB", MIN, "trial", "size of what the trial saved (adapter, MM-Adapters or model)",
+               "artifact size (MB)", "{:.2f}"),
+    MetricSpec("samples_per_s", "samples/s", MAX, "stage2", "stage-2 training throughput (global batch x steps / "
+               "stage-2 seconds)", "throughput (samples/s)", "{:.0f}"),
+    MetricSpec("final_train_loss", "nats per token", MIN, "stage2", "mean stage-2 loss over the last tenth of the "
+               "steps", "final training loss", "{:.3f}"),
+    MetricSpec("train_loss", "nats per token", MIN, "stage2", "stage-2 loss at each step (rank-averaged)",
+               "training loss", "{:.3f}", per_step=True),
+    MetricSpec("stage1_loss", "nats per token", MIN, "stage1", "stage-1 loss at each step, when the trial "
+               "computed stage 1 (not when it came from the cache)", "stage-1 loss", "{:.3f}", per_step=True),
+    MetricSpec("skipped_records", "records", NEITHER, "study", "records --skip-invalid dropped (the study's run; "
+               "ids and reasons in its artifact data/skipped.json)", "skipped records", "{:.0f}"),
+]
+METRICS: dict[str, MetricSpec] = {m.name: m for m in _SPECS}
+
+
+class UnknownMetric(KeyError):
+    """A metric name that is not in METRICS; the message names it and the known ones."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+def spec(name: str) -> MetricSpec:
+    if name not in METRICS:
+        raise UnknownMetric(f"unknown metric {name!r} (known: {', '.join(sorted(METRICS))})")
+    return METRICS[name]
+
+
+def direction(name: str) -> str:
+    """'max' for a metric where higher is better, else 'min' (every cost; also what the frontier assumes
+    of a column that is not a metric, e.g. a param)."""
+    return MAX if name in METRICS and METRICS[name].direction == MAX else MIN
+
+
+def markdown() -> str:
+    """The table as the README shows it."""
+    lines = ["| metric | unit | better | stage | what it is |", "|---|---|---|---|---|"]
+    for m in _SPECS:
+        better = {MAX: "higher", MIN: "lower", NEITHER: "-"}[m.direction]
+        name = f"`{m.name}`" + (" (per step)" if m.per_step else "")
+        lines.append(f"| {name} | {m.unit} | {better} | {m.stage} | {m.description} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(markdown(), end="")
