@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from tracking.metrics import METRICS
-from tracking.store import STUDY_TAG, all_runs, resolve_uri
+from tracking.store import STUDY_TAG, all_runs, resolve_uri, where
 from trainables.config import parse_param
 
 COST_COLUMNS = ["gpu_hours", "dollars", "trainable_params", "peak_mem_gb", "artifact_mb", "samples_per_s"]
@@ -57,9 +57,11 @@ def load_trials(tracking_uri: str | None, experiment: str, parent_run_id: str | 
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise AnalysisError(f"no MLflow experiment named {experiment!r} at {uri}")
-    query = f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'" if parent_run_id else ""
+    query, matches = where({f"tags.`{MLFLOW_PARENT_RUN_ID}`": parent_run_id}) if parent_run_id else ("", None)
     rows = []
     for run in all_runs(client, exp.experiment_id, query):
+        if matches is not None and not matches(run):
+            continue
         parent = run.data.tags.get(MLFLOW_PARENT_RUN_ID)
         if parent is None:
             continue  # the study's own run

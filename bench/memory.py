@@ -61,9 +61,12 @@ def measure(method: str, model_size: str, shape: str | None, steps: int, batch_s
     import torch
     import torch.distributed as dist
 
+    import zoo
     from trainables import worker
     from trainables.config import TrialConfig
     from trainables.methods import METHODS, apply_stage
+    from trainables.model import num_image_tokens
+    from trainables.prepare import prepare
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -73,22 +76,22 @@ def measure(method: str, model_size: str, shape: str | None, steps: int, batch_s
     device = torch.device("cuda", 0) if gpu else torch.device("cpu")
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TrialConfig(method=method, model_size=model_size, stage1_steps=0, batch_size=batch_size,
-                          use_gpu=gpu, storage=tmp, eval_samples=1)
-        ctx = worker.setup(cfg, 0, 1, device)
+                          use_gpu=gpu, eval_samples=1, max_length=1024 if shape else TrialConfig.max_length,
+                          loader_workers=0)
+        _, data = prepare(zoo.world_dir(), [cfg], Path(tmp), progress=False)
+        ctx = worker.setup(cfg, 0, 1, device, data, Path(tmp))
+        m = METHODS[method]
         if shape:
             base = shaped_base(shape, ctx.processor, Path(tmp) / "base", torch.bfloat16 if gpu else torch.float32)
-            ctx.image_tokens = None
+            ctx.image_tokens = num_image_tokens(ctx.processor)  # the shaped tower's: 576 at 336 px, patch 14
         else:
             base, _ = worker.stage1(ctx)
-        m = METHODS[method]
-        ctx.image_tokens = m.image_tokens(ctx.processor, cfg) if m.image_tokens and not shape else None
         if gpu:
             torch.cuda.reset_peak_memory_stats(device)
         model, counts = apply_stage(m.load(base, cfg), m.stage2, cfg, m.wrap)
         if gpu and not m.quantize_base:
             model = model.to(device)
-        data = ctx.encode("train.json", limit=batch_size * steps)
-        _, seconds, _ = worker.train(ctx, model, worker.param_groups(model, cfg), data, steps, "bench")
+        _, seconds, _ = worker.train(ctx, model, worker.param_groups(model, cfg), ctx.dataset("train"), steps, "bench")
         peak, source = worker.peak_memory_gb(device)
     return dict(method=method, model=shape or model_size, device=worker.device_name(device), peak_gb=round(peak, 3),
                 peak_source=source, trainable_params=sum(counts.values()), seconds_per_step=round(seconds / steps, 4),

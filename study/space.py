@@ -28,6 +28,8 @@ from trainables.config import ConfigError, TrialConfig, trial_config
 STUDY_NAMES = {"NAME", "FIXED", "SPACE", "SMOKE", "NUM_SAMPLES", "MAX_CONCURRENT", "METRIC", "MODE", "SEED",
                "SAMPLER"}
 SAMPLERS = ("tpe", "grid", "random")
+# The settings that decide how a trial's data is encoded: its tokenizer, its image tokens, its length budget.
+ENCODING_KEYS = ("model_size", "vision_tower", "image_size", "method", "max_length", "neck_every")
 
 
 class SpaceError(ValueError):
@@ -154,18 +156,42 @@ class Space:
     def constants(self, smoke: bool = False) -> dict:
         return {**self.fixed, **(self.smoke if smoke else {})}
 
-    def define_by_run(self, smoke: bool = False) -> "DefineByRun":
-        """The Optuna define-by-run function (conditional keys such as alpha-per-rank need one)."""
-        return DefineByRun(self.space, self.constants(smoke))
+    def define_by_run(self, constants: dict) -> "DefineByRun":
+        """The Optuna define-by-run function over SPACE (conditional keys such as alpha_per_rank need one);
+        `constants` are what every trial gets besides (the study plan's: FIXED, SMOKE, the data's decisions)."""
+        return DefineByRun(self.space, dict(constants))
 
     def sample(self, seed: int = 0, smoke: bool = False) -> TrialConfig:
         """One trial config drawn with Optuna's random sampler (for tests and --dry-run)."""
         import optuna
 
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
         study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
         trial = study.ask()
-        constants = self.define_by_run(smoke)(trial)
+        constants = self.define_by_run(self.constants(smoke))(trial)
         return trial_config({**constants, **trial.params})
+
+    def values_of(self, key: str, smoke: bool = False) -> list:
+        """The values trials can have for `key`: a choice()'s, a range's ends, or the one constant."""
+        if key in self.space:
+            return list(self.space[key].corners())
+        return [self.constants(smoke).get(key, TrialConfig.__dataclass_fields__[key].default)]
+
+    def encoding_configs(self, smoke: bool = False) -> list[TrialConfig]:
+        """A trial config for every combination of the settings that decide how data is encoded (the
+        tokenizer, the tower and its image tokens, the method's, max_length), the rest as in `sample`:
+        what the dataset check must cover (trainables.prepare)."""
+        import itertools
+
+        base = self.sample(self.seed, smoke).to_dict()
+        keys = [k for k in ENCODING_KEYS if k in self.space or k in self.constants(smoke)]
+        out = []
+        for combo in itertools.product(*(self.values_of(k, smoke) for k in keys)):
+            try:
+                out.append(TrialConfig.from_dict({**base, **dict(zip(keys, combo))}))
+            except ConfigError:
+                continue  # a combination no trial has (validate() names the bad values of the space)
+        return out or [TrialConfig.from_dict(base)]
 
 
 def load(path: str | Path) -> Space:
@@ -177,6 +203,9 @@ def load(path: str | Path) -> Space:
         ns = runpy.run_path(str(path))
     except SyntaxError as e:
         raise SpaceError(f"{path}:{e.lineno}: does not parse: {e.msg}") from None
+    except SystemExit as e:  # sys.exit() in a space file would end the study command with its code, silently
+        raise SpaceError(f"{path}: calls sys.exit({e.code!r}) while loading (a space file declares values, "
+                         "it runs nothing)") from None
     except Exception as e:  # noqa: BLE001 - any error in a user's file is reported, not raised
         raise SpaceError(f"{path}: fails to load: {type(e).__name__}: {e}") from None
     unknown = sorted(k for k in ns if k.isupper() and k not in STUDY_NAMES)
@@ -193,44 +222,110 @@ def load(path: str | Path) -> Space:
     return space
 
 
+# Settings of the command, not of the space: a space file that set them would override what the command
+# checked (the --data dataset) or where the study keeps its state (--storage).
+COMMAND_SETTINGS = {"data": "--data DIR", "storage": "--storage DIR", "stage1_data": "--stage1-data DIR",
+                    "tracking_uri": "--tracking-uri URI"}
+ALL_VALUES_UP_TO = 1000   # an integer range with at most this many values is checked value by value
+COMBINATIONS_UP_TO = 20_000  # the product of every key's values is checked when it is at most this large
+
+
 def validate(space: Space) -> None:
+    from tracking import metrics
+
     path = space.path
     if space.mode not in ("max", "min"):
         raise SpaceError(f"{path}: MODE={space.mode!r} should be 'max' or 'min'")
+    if not isinstance(space.metric, str) or space.metric not in metrics.METRICS or \
+            metrics.METRICS[space.metric].per_step or metrics.METRICS[space.metric].stage == "study":
+        finals = sorted(m.name for m in metrics.METRICS.values() if not m.per_step and m.stage != "study")
+        raise SpaceError(f"{path}: METRIC={space.metric!r} is not a metric a trial reports at its end "
+                         f"(one of: {', '.join(finals)})")
+    better = metrics.METRICS[space.metric].direction
+    if better and better != space.mode:
+        raise SpaceError(f"{path}: MODE={space.mode!r} with METRIC={space.metric!r}, where "
+                         f"{'higher' if better == 'max' else 'lower'} is better: MODE={better!r}")
     if space.sampler not in SAMPLERS:
         raise SpaceError(f"{path}: SAMPLER={space.sampler!r} should be one of {', '.join(SAMPLERS)}")
     if space.sampler == "grid":
         odd = [k for k, v in space.space.items() if not isinstance(v, Choice)]
         if odd:
             raise SpaceError(f"{path}: SPACE[{odd[0]!r}]: SAMPLER='grid' needs choice() values for every key")
-    if not isinstance(space.num_samples, int) or space.num_samples < 1:
-        raise SpaceError(f"{path}: NUM_SAMPLES={space.num_samples!r} should be a positive integer")
+    for name, value, low in (("NUM_SAMPLES", space.num_samples, 1), ("MAX_CONCURRENT", space.max_concurrent, 1),
+                             ("SEED", space.seed, 0)):
+        if value is None and name == "MAX_CONCURRENT":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise SpaceError(f"{path}: {name}={value!r} should be an integer of at least {low}")
     for section in ("fixed", "space", "smoke"):
         for key in getattr(space, section):
+            if key in COMMAND_SETTINGS:
+                raise SpaceError(f"{path}: {section.upper()}[{key!r}]: {key} is a setting of the command "
+                                 f"({COMMAND_SETTINGS[key]}), not of a space file")
             if key not in TrialConfig.__dataclass_fields__:
                 raise SpaceError(f"{path}: {section.upper()}: unknown key {key!r}")
     for key, spec in space.space.items():
+        where = f"{path}: SPACE[{key!r}]"
         if not hasattr(spec, "suggest"):
-            raise SpaceError(f"{path}: SPACE[{key!r}] = {spec!r} is not a distribution "
+            raise SpaceError(f"{where} = {spec!r} is not a distribution "
                              "(use choice / uniform / loguniform / randint / alpha_per_rank)")
+        if isinstance(spec, Choice) and not spec.values:
+            raise SpaceError(f"{where}: choice() needs at least one value")
+        if isinstance(spec, AlphaPerRank) and isinstance(spec.multiplier, Choice) and not spec.multiplier.values:
+            raise SpaceError(f"{where}: alpha_per_rank() needs at least one multiplier")
         if isinstance(spec, (Float, Int)) and not spec.low <= spec.high:
-            raise SpaceError(f"{path}: SPACE[{key!r}]: low {spec.low} > high {spec.high}")
+            raise SpaceError(f"{where}: low {spec.low} > high {spec.high}")
+        if isinstance(spec, Float) and not (math.isfinite(spec.low) and math.isfinite(spec.high)):
+            raise SpaceError(f"{where}: the range [{spec.low}, {spec.high}] is not finite")
         if isinstance(spec, Float) and spec.log and spec.low <= 0:
-            raise SpaceError(f"{path}: SPACE[{key!r}]: a log range needs low > 0, got {spec.low}")
+            raise SpaceError(f"{where}: a log range needs low > 0, got {spec.low}")
+        if isinstance(spec, Float) and type(TrialConfig.__dataclass_fields__[key].default) is int:
+            raise SpaceError(f"{where}: {key} is an integer, and uniform()/loguniform() sample fractions "
+                             f"(e.g. {(spec.low + spec.high) / 2:g}): use randint() or choice()")
         if isinstance(spec, AlphaPerRank) and "lora_rank" not in space.space and "lora_rank" not in space.fixed:
-            raise SpaceError(f"{path}: SPACE[{key!r}]: alpha_per_rank needs lora_rank")
-    # Every corner of the space, with and without the smoke overrides, must be a valid TrialConfig.
+            raise SpaceError(f"{where}: alpha_per_rank needs lora_rank")
+    # Every value the sampler can produce, with and without the smoke overrides, must be a valid TrialConfig:
+    # each key's values alone (the message names the key), then their combinations (keys that meet in
+    # TrialConfig's checks, e.g. method and zero_stage, or batch_size and num_workers).
     for smoke in (False, True):
         base = space.constants(smoke)
         _check(path, "FIXED/SMOKE", base)
-        ranks = _corners(space.space.get("lora_rank")) or [base.get("lora_rank", TrialConfig.lora_rank)]
+        ranks = _all_values(space.space.get("lora_rank")) or [base.get("lora_rank", TrialConfig.lora_rank)]
         for key, spec in space.space.items():
-            for value in spec.corners():
+            for value in _all_values(spec):
                 if isinstance(spec, AlphaPerRank):
                     for r in ranks:
                         _check(path, f"SPACE[{key!r}]", {**base, "lora_rank": r, key: r * value}, key)
                 else:
                     _check(path, f"SPACE[{key!r}]", {**base, key: value}, key)
+        _check_combinations(space, base)
+
+
+def _all_values(spec) -> list:
+    """What the sampler can produce for a key: every choice, every integer of a small range, a float range's ends."""
+    if spec is None:
+        return []
+    if isinstance(spec, Int) and spec.high - spec.low < ALL_VALUES_UP_TO:
+        return list(range(spec.low, spec.high + 1))
+    if isinstance(spec, AlphaPerRank):
+        return _all_values(spec.multiplier)
+    return spec.corners()
+
+
+def _check_combinations(space: Space, base: dict) -> None:
+    import itertools
+
+    keys = [k for k in space.space if not isinstance(space.space[k], AlphaPerRank)]
+    values = [_all_values(space.space[k]) for k in keys]
+    if math.prod(len(v) for v in values) > COMBINATIONS_UP_TO:
+        return  # each key alone was checked; a product this large is a random search, not a grid
+    for combo in itertools.product(*values):
+        chosen = dict(zip(keys, combo))
+        try:
+            TrialConfig.from_dict({**base, **chosen})
+        except ConfigError as e:
+            shown = ", ".join(f"{k}={v!r}" for k, v in chosen.items())
+            raise SpaceError(f"{space.path}: SPACE: {e} (the sampler can produce {shown})") from None
 
 
 def _corners(spec) -> list:

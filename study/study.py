@@ -16,53 +16,6 @@ import sys
 from pathlib import Path
 
 
-def _ray_init(address: str | None) -> None:
-    import ray
-
-    # Train V2 turns a worker's print into a log record and, when stdout is wrapped (it is, in a Ray worker),
-    # also prints it: every progress line reached the terminal twice. Plain prints, once each.
-    env = {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1",
-           "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "MMSCALE_CACHE": os.environ.get("MMSCALE_CACHE", "")}
-    env = {k: v for k, v in env.items() if v}
-    # The dashboard stays on (Ray's state API frees stopped trials' placement groups), bound to loopback.
-    ray.init(address=address, include_dashboard=None if address else True, dashboard_host="127.0.0.1",
-             runtime_env={"env_vars": env}, log_to_driver=True, configure_logging=True, logging_level="WARNING")
-
-
-def _cluster_concurrency(p: dict) -> int:
-    import ray
-
-    res = ray.cluster_resources()
-    devices = int(res.get("GPU", 0)) if p["device"] == "gpu" else int(res.get("CPU", 1))
-    return max(1, devices // (p["workers_per_trial"] * (1 if p["device"] == "gpu" else p["cpus_per_worker"])))
-
-
-def trial_data(report, storage: Path) -> Path:
-    """The dataset directory every trial reads (absolute: Ray moves workers' working directories).
-
-    With records to drop (--skip-invalid), a filtered copy under the study's storage,
-    named by the dataset's fingerprint so a rerun reuses it.
-    """
-    from trainables import dataset
-
-    skipped = report.skipped()
-    if not skipped:
-        return report.root.resolve()
-    out = dataset.write_filtered(report.root, report, storage / "data" / report.fingerprint())
-    print(f"data: dropped {len(skipped)} of {sum(report.counts.values()):,} records (--skip-invalid); "
-          f"trials read {out}, the dropped ids and reasons are in {out / dataset.SKIPPED}")
-    return out
-
-
-def log_skipped(client, parent: str, report, data: Path) -> None:
-    """On the study's run: how many records were dropped, and which and why (artifact data/skipped.json)."""
-    from trainables import dataset
-
-    client.log_metric(parent, "skipped_records", len(report.skipped()))
-    if (data / dataset.SKIPPED).is_file():
-        client.log_artifact(parent, str(data / dataset.SKIPPED), "data")
-
-
 # Why a trial run was closed as KILLED: its trial will not run again, or not in this session.
 ORPHANED = ("its trial is not in the study's Ray Tune state (the driver was killed before Tune saved it); "
             "the search ran another trial in its place")
@@ -108,19 +61,6 @@ def study_trial(config: dict, study) -> None:
     ray.tune.report(dict(run.data.metrics))
 
 
-def settings(args, space, p: dict) -> dict:
-    """The study's settings: logged on its run, and what `--resume` must find unchanged."""
-    storage = Path(args.storage).resolve()
-    values = {"space_file": str(space.path.resolve()), "num_samples": p["num_samples"], "smoke": args.smoke,
-              "max_concurrent": p["max_concurrent"], "storage": str(storage),
-              "constants": repr(dict(sorted(space.constants(args.smoke).items()))),
-              **{f"space.{k}": repr(v) for k, v in space.space.items()}}
-    report = p.get("data")
-    if report is not None:
-        values.update({"data": str(report.root.resolve()), "skip_invalid": args.skip_invalid})
-    return values
-
-
 def hold_lock(storage: Path, study: str, create: bool):
     """The study's lock, held while a driver runs it (the OS drops it when the driver dies, even by SIGKILL).
 
@@ -161,106 +101,157 @@ def expected_trials(space, num_samples: int) -> int:
     return min(num_samples, space.grid_size()) if space.sampler == "grid" else num_samples
 
 
-def run_study(args, space, p: dict) -> int:
+def run_study(plan, space, lock=None) -> int:
+    """The study, as a recipe: its MLflow run, Ray, the tuner, the trials, the summary. `lock` (the study's,
+    held by study.plan) is released at the end; the OS releases it if the driver dies."""
+    try:
+        parent, experiment_id = open_study_run(plan, space)
+        start_ray(plan)
+        tuner = make_tuner(plan, space, parent, experiment_id)
+        status, done = fit(tuner, plan, space, parent, experiment_id)
+        return summarize(plan, space, parent, experiment_id, status, done)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def open_study_run(plan, space) -> tuple[str, str]:
+    """(the study's MLflow run, its experiment): a new run with the study's settings, or the one --resume continues."""
     from mlflow.tracking import MlflowClient
+
+    from study import mlflow_runs
+    from tracking import store
+
+    client = MlflowClient(plan.tracking_uri)
+    experiment_id = store.ensure_experiment(client, plan.study, plan.tracking_uri)
+    if plan.resume_run is None:
+        parent = mlflow_runs.start_study_run(client, experiment_id, plan.study, plan.settings(space))
+        if plan.report.skipped():
+            log_skipped(client, parent, plan.report)
+        return parent, experiment_id
+    n = mlflow_runs.reopen(client, client.get_run(plan.resume_run), "resumes")
+    print(f"resuming study {plan.study!r} (resume {n}) in its MLflow run {plan.resume_run}")
+    return plan.resume_run, experiment_id
+
+
+def log_skipped(client, parent: str, report) -> None:
+    """On the study's run: how many records --skip-invalid dropped, and which and why (data/skipped.json)."""
+    import json
+    import tempfile
+
+    client.log_metric(parent, "skipped_records", len(report.skipped()))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "skipped.json"
+        path.write_text(json.dumps(report.skipped(), indent=1, ensure_ascii=False), encoding="utf-8")
+        client.log_artifact(parent, str(path), "data")
+
+
+def start_ray(plan) -> None:
+    """A local Ray on 127.0.0.1 with token authentication, or the cluster at --address (study.local_ray);
+    DeepSpeed's CPU op made safe first, so that no trial builds it or waits for a dead builder (trainables.ds_ops)."""
+    from study import local_ray
+    from trainables import ds_ops
+
+    # Train V2 turns a worker's print into a log record and, when stdout is wrapped (it is, in a Ray worker),
+    # also prints it: every progress line reached the terminal twice. Plain prints, once each.
+    env = {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1",
+           "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "MMSCALE_CACHE": os.environ.get("MMSCALE_CACHE", "")}
+    env.update(ds_ops.prepare())
+    local_ray.init(plan.address, {k: v for k, v in env.items() if v})
+
+
+def make_tuner(plan, space, parent: str, experiment_id: str):
+    """Tune's saved state restored (--resume), or a new Tuner: Optuna over the space, one trial per config."""
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
-    from analysis.frontier import log_study_frontier
-    from analysis.runs import AnalysisError, format_table, load_trials
-    import zoo
-    from study import mlflow_runs as tracking
-    from tracking import store
+    from study import mlflow_runs
     from trainables.driver import StudyContext
 
-    report = p.get("data")  # the checked --data dataset (trainables.dataset.Report), or None: the world
-    if report is None:
-        zoo.ensure_world()
-    zoo.ensure_zoo()
-    storage = Path(args.storage).resolve()
-    storage.mkdir(parents=True, exist_ok=True)
-    data = trial_data(report, storage) if report is not None else None
-    uri = store.resolve_uri(args.tracking_uri)
-    client = MlflowClient(uri)
-    exp_id = store.ensure_experiment(client, p["study"], uri)
-    resumed = p.get("resume")  # the study's run to continue (run.check_resume), or None: a new study
-    if resumed is None:
-        parent = tracking.start_study_run(client, exp_id, p["study"], {
-            **settings(args, space, p), **({"data_read": str(data)} if data is not None else {})})
-        if report is not None:
-            log_skipped(client, parent, report, data)
-    else:
-        parent = resumed.info.run_id
-        n = tracking.reopen(client, resumed, "resumes")
-        print(f"resuming study {p['study']!r} (resume {n}) in its MLflow run {parent}")
-
-    _ray_init(args.address)
-    if args.address and not (args.max_concurrent or space.max_concurrent):
-        p["max_concurrent"] = _cluster_concurrency(p)
-    study_ctx = StudyContext(tracking_uri=uri, experiment_id=exp_id, storage=str(storage),
-                             cpus_per_worker=p["cpus_per_worker"])
+    study_ctx = StudyContext(tracking_uri=plan.tracking_uri, experiment_id=experiment_id, storage=str(plan.storage),
+                             data=plan.data, cpus_per_worker=plan.cpus_per_worker)
     trainable = tune.with_resources(tune.with_parameters(study_trial, study=study_ctx),
                                     {"CPU": 0, "memory": 256 * 2**20})
     # ^ the trial's driver only waits on its TorchTrainer: no CPU, so the workers can have them all
-    tune_dir = storage / "tune" / p["study"]
-    if resumed is not None and restorable(tune_dir):
+    tune_dir = plan.storage / "tune" / plan.study
+    if plan.resume_run is not None and restorable(tune_dir):
         # Tune's saved state, the searcher's included: finished and failed trials stay as they are (a failure
         # is a result, not retried), unfinished ones run again under their trial ids, so in their own runs.
-        tuner = tune.Tuner.restore(str(tune_dir), trainable, resume_unfinished=True, resume_errored=False,
-                                   restart_errored=False)
-    else:  # a new study, or one killed before Tune saved anything (its run is kept all the same)
-        if data is not None:  # what was checked (and maybe filtered) is what every trial reads, smoke or not
-            space.fixed = {**space.fixed, "data": str(data)}
-            space.smoke = {k: v for k, v in space.smoke.items() if k != "data"}
-        space.fixed = {**space.fixed, "storage": str(storage)}
-        searcher = OptunaSearch(space=space.define_by_run(args.smoke), metric=space.metric, mode=space.mode,
-                                sampler=space.optuna_sampler())
-        tuner = tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=p["num_samples"],
-                                        max_concurrent_trials=p["max_concurrent"]),
-            run_config=tune.RunConfig(
-                name=p["study"], storage_path=str(storage / "tune"), verbose=1,
-                callbacks=[tracking.NestedMLflowCallback(uri, p["study"], parent, p["study"])],
-                # A failed trial is a result: Tune never runs it again. Ray Train restarts a trial's dead
-                # workers inside the trial (trainables.driver's FailureConfig); the two do not overlap.
-                failure_config=tune.FailureConfig(max_failures=0)),
-        )
-    status = "FAILED"
+        return tune.Tuner.restore(str(tune_dir), trainable, resume_unfinished=True, resume_errored=False,
+                                  restart_errored=False)
+    # a new study, or one killed before Tune saved anything (its run is kept all the same)
+    searcher = OptunaSearch(space=space.define_by_run(plan.constants), metric=space.metric, mode=space.mode,
+                            sampler=space.optuna_sampler())
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=plan.num_samples,
+                                    max_concurrent_trials=plan.max_concurrent),
+        run_config=tune.RunConfig(
+            name=plan.study, storage_path=str(plan.storage / "tune"), verbose=1,
+            callbacks=[mlflow_runs.NestedMLflowCallback(plan.tracking_uri, plan.study, parent, plan.study)],
+            # A failed trial is a result: Tune never runs it again. Ray Train restarts a trial's dead
+            # workers inside the trial (trainables.driver's FailureConfig); the two do not overlap.
+            failure_config=tune.FailureConfig(max_failures=0)),
+    )
+
+
+def fit(tuner, plan, space, parent: str, experiment_id: str) -> tuple[str, int]:
+    """Run the trials; (the study's status, trials done). Every trial run left RUNNING is closed, whatever happens."""
+    from mlflow.tracking import MlflowClient
+
+    from study import mlflow_runs
+
+    client = MlflowClient(plan.tracking_uri)
+    tune_dir = plan.storage / "tune" / plan.study
+    status, done = "FAILED", 0
     try:
         results = tuner.fit()
         # Ctrl-C makes Tune stop, save its state and return; trials are then missing or unfinished
         done = len(results) - unfinished_trials(tune_dir)
-        status = "FINISHED" if done == len(results) >= expected_trials(space, p["num_samples"]) else "KILLED"
+        status = "FINISHED" if done == len(results) >= expected_trials(space, plan.num_samples) else "KILLED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
-        tracking.close_orphans(client, exp_id, parent, ORPHANED if status == "FINISHED" else INTERRUPTED)
+        mlflow_runs.close_orphans(client, experiment_id, parent, ORPHANED if status == "FINISHED" else INTERRUPTED)
         client.set_terminated(parent, status=status)
-    runs = store.trial_runs(client, exp_id, parent)
-    finished, failed, other = tracking.outcome(runs)
-    df = load_trials(uri, p["study"], parent_run_id=parent)
+    return status, done
+
+
+def summarize(plan, space, parent: str, experiment_id: str, status: str, done: int) -> int:
+    """The table of finished trials, the failed ones with why, the frontier, how to open the UI; the exit code."""
+    from mlflow.tracking import MlflowClient
+
+    from analysis.frontier import log_study_frontier
+    from analysis.runs import AnalysisError, format_table, load_trials
+    from study import mlflow_runs
+    from study.local_ray import mask_credentials
+    from tracking import store
+
+    client = MlflowClient(plan.tracking_uri)
+    runs = store.trial_runs(client, experiment_id, parent)
+    finished, failed, other = mlflow_runs.outcome(runs)
+    df = load_trials(plan.tracking_uri, plan.study, parent_run_id=parent)
     ended = len(finished) + len(failed)
-    print(f"\nStudy {p['study']!r}: {ended} trial{'s' * (ended != 1)}, {len(failed)} failed"
-          f"{': ' + tracking.failure_counts(failed) if failed else ''}; the finished sorted by score "
-          f"(gpu_hours = device-hours per node of {p['example'].devices_per_node}):")
-    print(format_table(df[df["status"] == "FINISHED"]))
+    print(f"\nStudy {plan.study!r}: {ended} trial{'s' * (ended != 1)}, {len(failed)} failed"
+          f"{': ' + mlflow_runs.failure_counts(failed) if failed else ''}; the finished sorted by score "
+          f"(gpu_hours = device-hours per node of {plan.example.devices_per_node}):")
+    print(format_table(df[df["status"] == "FINISHED"]) if not df.empty else "(no trials)")
     for run in failed + other:
         why = run.data.tags.get("failure_reason") or run.data.tags.get("killed_reason", "")
-        trial = run.data.tags.get(store.TRIAL_TAG)
-        print(f"  {run.info.status.lower()}: trial {trial} (run {run.info.run_id}): {why}")
+        print(f"  {run.info.status.lower()}: trial {run.data.tags.get(store.TRIAL_TAG)} (run {run.info.run_id}): {why}")
     try:
-        out = log_study_frontier(uri, p["study"], parent, storage / "frontier" / parent)
+        out = log_study_frontier(plan.tracking_uri, plan.study, parent, plan.storage / "frontier" / parent)
         print(f"\nFrontier (score vs gpu_hours): {out / 'frontier.png'}, {out / 'frontier.csv'}, "
               f"{out / 'table.md'}; also artifacts frontier/ of the study's run {parent}")
     except AnalysisError as e:
         print(f"\nno frontier: {e}")
+    uri = mask_credentials(plan.tracking_uri)
     print(f"\nMLflow tracking URI: {uri}")
     print(f"Open the UI:  mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
     if status != "FINISHED":
-        print(f"\nStudy interrupted with {done} of {expected_trials(space, p['num_samples'])} trials done: "
-              f"the same command with --resume continues it", file=sys.stderr)
+        print(f"\nStudy interrupted with {done} of {expected_trials(space, plan.num_samples)} trials done: "
+              "the same command with --resume continues it", file=sys.stderr)
         return 1
     return 0 if finished else 1
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: the real zoo and world (built once, cached like a user's), a one-rank process group, a small dataset."""
+"""Shared fixtures: the real zoo and world (built once, cached like a user's), the world checked and sharded as a
+study does, a one-rank process group, a small dataset."""
 
 import os
 import socket
@@ -12,6 +13,20 @@ def zoo_ready():
     import zoo
 
     return zoo.ensure_world(), zoo.ensure_zoo()
+
+
+@pytest.fixture(scope="session")
+def world_data(zoo_ready, tmp_path_factory):
+    """The synthetic world checked and sharded by trainables.prepare, as `study.run` does before Ray starts,
+    for the tests' trials (the zoo's one tokenizer; up to 48-px towers and MMA): its DataPlan."""
+    import zoo
+    from trainables.config import TrialConfig
+    from trainables.prepare import prepare
+
+    configs = [TrialConfig(image_size=48), TrialConfig(method="mma", neck_every=1)]
+    report, plan = prepare(zoo.world_dir(), configs, tmp_path_factory.mktemp("world-storage"), progress=False)
+    assert plan is not None, report.first_error_line()
+    return plan
 
 
 @pytest.fixture(scope="session")

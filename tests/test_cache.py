@@ -20,10 +20,13 @@ s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.clos
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
 dist.init_process_group("gloo", rank=0, world_size=1)
 torch.set_num_threads(1)
+import zoo
 from trainables import worker
 from trainables.config import TrialConfig
-cfg = TrialConfig(model_size="0.3m", stage1_steps=int(sys.argv[2]), batch_size=8, storage=sys.argv[1])
-target, meta = worker.stage1(worker.setup(cfg, 0, 1, torch.device("cpu")))
+from trainables.prepare import prepare
+cfg = TrialConfig(model_size="0.3m", stage1_steps=int(sys.argv[2]), batch_size=8)
+_, data = prepare(zoo.world_dir(), [cfg], sys.argv[1], progress=False)
+target, meta = worker.stage1(worker.setup(cfg, 0, 1, torch.device("cpu"), data, sys.argv[1]))
 print("RESULT", target, meta["trainable_params"], flush=True)
 """
 

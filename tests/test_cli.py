@@ -46,25 +46,27 @@ def test_dry_run_prints_the_plan(tmp_path):
 
 def test_bad_data_exits_2_naming_file_and_record_before_ray(dataset_dir, tmp_path):
     # a missing image and a corrupt one (garbage bytes under a .png name)
-    # (train.json's records t1 and t2 use them; eval and captions are emptied so that only those two are bad)
+    # (train.json's records t1 and t2 use them; eval and captions are moved to r0 and r3 so only those two are bad)
     (dataset_dir / "images" / "r1.png").unlink()
     (dataset_dir / "images" / "r2.png").write_bytes(b"garbage, not a PNG")
-    (dataset_dir / "eval.json").write_text("[]")
-    (dataset_dir / "captions.json").write_text("[]")
+    for name in ("eval.json", "captions.json"):
+        recs = json.loads((dataset_dir / name).read_text())
+        recs[1]["image"] = "r3.png"
+        (dataset_dir / name).write_text(json.dumps(recs))
     r = run(LORA, "--data", str(dataset_dir), "--dry-run", cwd=tmp_path)
     assert r.returncode == 2, r.stdout + r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1, r.stderr
-    assert lines[0] == (f"error: {dataset_dir / 'train.json'} record 't1': image images/r1.png does not exist "
+    assert lines[0] == (f"error: {dataset_dir / 'train.json'} record 't1': image 'r1.png' does not exist "
                         "(and 1 more problem; --skip-invalid drops the 2 bad records)")
     assert r.stdout == "" and not (tmp_path / "studies").exists() and not (tmp_path / "mlflow.db").exists()
 
     r = run(LORA, "--data", str(dataset_dir), "--skip-invalid", "--dry-run", cwd=tmp_path)
     assert r.returncode == 0 and r.stderr == "", r.stderr
-    assert "--skip-invalid drops 2 of 8 records:" in r.stdout
-    assert "train.json record 't1': image images/r1.png does not exist\n" in r.stdout
-    assert "train.json record 't2': image images/r2.png is not an image file PIL can read\n" in r.stdout
-    assert not (tmp_path / "studies").exists()  # a dry run writes no filtered copy
+    assert "--skip-invalid drops 2 of 12 records:" in r.stdout
+    assert "train.json record 't1': image 'r1.png' does not exist\n" in r.stdout
+    assert "train.json record 't2': image 'r2.png' is not an image in a supported format" in r.stdout
+    assert not (tmp_path / "studies").exists()  # a dry run writes no shard
 
 
 def test_a_clean_dataset_is_reported_in_the_plan(dataset_dir, tmp_path):
@@ -98,33 +100,32 @@ def test_skip_invalid_with_nothing_left_to_train_on(dataset_dir, tmp_path):
     records = json.loads((dataset_dir / "train.json").read_text())
     (dataset_dir / "train.json").write_text(json.dumps([r for r in records if "image" in r]))
     r = run(LORA, "--data", str(dataset_dir), "--skip-invalid", "--dry-run", cwd=tmp_path)
-    assert r.returncode == 2 and "none of its 4 records is valid" in r.stderr, r.stderr
+    assert r.returncode == 2 and "none of its 4 records is usable" in r.stderr, r.stderr
 
 
-def test_skip_invalid_gives_trials_a_filtered_copy_and_logs_what_it_dropped(dataset_dir, tmp_path):
-    """The part of run_study before Ray starts: the copy trials read, and the study run's records of it."""
+def test_skip_invalid_logs_what_it_dropped_on_the_study_run(dataset_dir, tmp_path):
+    """The part of run_study before Ray starts: the study's run records what --skip-invalid dropped."""
     from mlflow.tracking import MlflowClient
 
-    from study import mlflow_runs as tracking
+    from study import mlflow_runs
+    from study.study import log_skipped
     from tracking import store
-    from study.study import log_skipped, trial_data
-    from trainables import dataset
+    from trainables.config import TrialConfig
+    from trainables.prepare import prepare
 
-    clean = dataset.validate(dataset_dir)
-    assert trial_data(clean, tmp_path / "studies") == dataset_dir.resolve()
     (dataset_dir / "images" / "r3.png").unlink()
-    report = dataset.validate(dataset_dir)
-    data = trial_data(report, tmp_path / "studies")
-    assert data == tmp_path / "studies" / "data" / report.fingerprint() and data.is_absolute()
-    assert [r["id"] for r in json.loads((data / "train.json").read_text())] == ["t0", "t1", "t2", "t-text"]
+    report, plan = prepare(dataset_dir, [TrialConfig(model_size="0.3m")], tmp_path / "studies", skip_invalid=True,
+                           progress=False)
+    (train,) = [s["train"] for s in plan.splits.values()]
+    assert train.dropped == (3,) and train.used == 4, "trials skip t3, and only t3"
 
     uri = store.resolve_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     client = MlflowClient(uri)
     exp = store.ensure_experiment(client, "skip", uri)
-    parent = tracking.start_study_run(client, exp, "skip", {"space_file": "lora.py"})
-    log_skipped(client, parent, report, data)
+    parent = mlflow_runs.start_study_run(client, exp, "skip", {"space_file": "lora.py"})
+    log_skipped(client, parent, report)
     run_ = client.get_run(parent)
     assert run_.data.metrics["skipped_records"] == 1 and run_.data.params["space_file"] == "lora.py"
     local = Path(client.download_artifacts(parent, "data/skipped.json", str(tmp_path / "dl")))
     assert json.loads(local.read_text()) == [{"file": "train.json", "id": "t3", "index": 3,
-                                              "reasons": ["image images/r3.png does not exist"]}]
+                                              "reasons": ["image 'r3.png' does not exist"]}]

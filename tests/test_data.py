@@ -1,11 +1,16 @@
-"""Tokenization with the chat template: only assistant tokens carry loss; image tokens expanded."""
+"""Tokenization with the chat template (only assistant tokens carry loss, one image token expanded per feature
+in the batch), the seeded batch order, and the pad-to-square of non-square images."""
 
 import json
 
+import numpy as np
 import pytest
+import torch
+from support import batch, collate_for, dataset_of
 
-from trainables import data as D
 from trainables.config import TrialConfig
+from trainables.data.loader import StepBatches, square
+from trainables.data.tokens import IGNORE, length_problem, tokenize
 from trainables.model import build_processor, num_image_tokens
 
 
@@ -14,56 +19,91 @@ def processor(zoo_ready):
     return build_processor(TrialConfig(model_size="0.3m"))
 
 
-def test_only_assistant_turns_carry_loss(processor, zoo_ready, tmp_path):
-    world_dir, _ = zoo_ready
+def test_only_assistant_turns_carry_loss(processor):
     rec = {"id": "multi", "conversations": [
         {"from": "human", "value": "What number comes after two?"}, {"from": "gpt", "value": "three"},
         {"from": "human", "value": "And before two?"}, {"from": "gpt", "value": "one"}]}
-    enc = D.encode([rec], processor, world_dir, max_length=128)
+    t = tokenize(rec, processor.tokenizer)
     tok = processor.tokenizer
-    labelled = enc.labels[0][enc.labels[0] != -100]
-    assert tok.decode(labelled) == " three</s> one</s>"
-    # every labelled token is the same token as the input (no shift, the model shifts)
-    mask = enc.labels[0] != -100
-    assert (enc.labels[0][mask] == enc.input_ids[0][mask]).all()
+    assert tok.decode(t.labels[t.labels != IGNORE]) == " three</s> one</s>"
+    mask = t.labels != IGNORE  # every labelled token is the input's token there (no shift: the model shifts)
+    assert (t.labels[mask] == t.input_ids[mask]).all() and t.image_at == -1
+    assert t.question == "And before two?" and t.answer == "one"
 
 
-def test_image_record_expands_image_tokens(processor, zoo_ready):
+def test_an_image_is_one_token_in_the_shard_and_one_per_feature_in_the_batch(processor, zoo_ready, tmp_path):
     world_dir, _ = zoo_ready
     rec = json.loads((world_dir / "train.json").read_text())[0]
-    enc = D.encode([rec], processor, world_dir, max_length=128)
-    image_id = tok_id = processor.tokenizer.convert_tokens_to_ids("<image>")
-    assert int((enc.input_ids[0] == image_id).sum()) == num_image_tokens(processor) == 16
-    assert enc.pixel_values.shape == (1, 3, 32, 32) and tok_id == image_id
-    assert processor.tokenizer.decode(enc.labels[0][enc.labels[0] != -100]).strip() == \
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    t = tokenize(rec, processor.tokenizer)
+    assert int((t.input_ids == image_id).sum()) == 1 and t.input_ids[t.image_at] == image_id
+    data = dataset_of([rec], processor, world_dir / "images", tmp_path)
+    b = batch(data, [0], collate_for(processor, num_image_tokens(processor)))
+    assert int((b["input_ids"][0] == image_id).sum()) == num_image_tokens(processor) == 16
+    assert b["pixel_values"].shape == (1, 3, 32, 32)
+    assert (b["labels"][0][b["input_ids"][0] == image_id] == IGNORE).all()
+    assert processor.tokenizer.decode(b["labels"][0][b["labels"][0] != IGNORE]).strip() == \
         rec["conversations"][1]["value"] + "</s>"
 
 
 def test_generation_prompt_ends_at_assistant(processor, zoo_ready):
     world_dir, _ = zoo_ready
     rec = json.loads((world_dir / "eval.json").read_text())[0]
-    enc = D.encode([rec], processor, world_dir, max_length=128, for_generation=True)
-    assert processor.tokenizer.decode(enc.input_ids[0][-2:]) == " ASSISTANT:"
-    assert enc.answers == [rec["conversations"][-1]["value"]]
+    t = tokenize(rec, processor.tokenizer, for_generation=True)
+    assert processor.tokenizer.decode(t.input_ids[-2:]) == " ASSISTANT:"
+    assert t.answer == rec["conversations"][-1]["value"] and (t.labels == IGNORE).all()
 
 
-def test_batches_are_disjoint_across_ranks():
-    r0 = list(D.batches(10, 4, 0, 2, seed=1, steps=5))
-    r1 = list(D.batches(10, 4, 1, 2, seed=1, steps=5))
+@pytest.mark.parametrize("args, problem", [
+    ((100, 5, 50, 16, 128, False), None),                      # fits with its 16 image tokens: 115
+    ((130, -1, 120, 16, 128, False), None),                    # text only, cut at 128: answers from 120 survive
+    ((130, 5, 110, 16, 128, False), None),                     # cut at 128: its answer starts at 125 once expanded
+    ((130, 5, 115, 16, 128, False), "none of its answer tokens fits"),   # its answer would start at 130
+    ((130, 120, 50, 16, 128, False), "would cut its image"),   # its image tokens would run to 136
+    ((120, 5, -1, 16, 128, True), "its prompt is 135 tokens with its image (16 image tokens), over max_length=128"),
+    ((2000, 10, 1500, 576, 2048, False), "none of its answer tokens fits"),  # CLIP-L/336: 576 tokens per image
+])
+def test_length_problem(args, problem):
+    found = length_problem(*args)
+    assert (found is None) if problem is None else (problem in found), found
+
+
+def test_batches_are_disjoint_across_ranks_and_a_pure_function_of_the_seed():
+    r0 = list(StepBatches(10, 4, 0, 2, seed=1, steps=5))
+    r1 = list(StepBatches(10, 4, 1, 2, seed=1, steps=5))
     for a, b in zip(r0, r1):
         assert len(a) == len(b) == 2 and not set(a) & set(b)
+    assert list(StepBatches(10, 4, 0, 2, seed=1, steps=5, start=3)) == r0[3:], "a resume sees the same batches"
+    assert list(StepBatches(10, 4, 0, 2, seed=2, steps=5)) != r0
+    epoch = [i for step in StepBatches(10, 10, 0, 1, seed=1, steps=1) for i in step]
+    assert sorted(epoch) == list(range(10)), "an epoch sees every sample once"
 
 
-def test_pad_to_square_uses_the_mean_colour(zoo_ready):
+def test_pad_to_square_uses_the_mean_colour(processor):
     from PIL import Image
 
-    from trainables.config import TrialConfig
-    from trainables.data import square
-    from trainables.model import build_processor
-
-    processor = build_processor(TrialConfig(model_size="0.3m"))
     wide = Image.new("RGB", (40, 20), (255, 0, 0))
     padded = square(wide, processor, "pad")
     mean = tuple(round(255 * m) for m in processor.image_processor.image_mean)
-    assert padded.size == (40, 40) and padded.getpixel((0, 0)) == mean and padded.getpixel((20, 20)) == (255, 0, 0)
+    assert padded.size == (32, 32) and padded.getpixel((0, 0)) == mean and padded.getpixel((16, 16)) == (255, 0, 0)
     assert square(wide, processor, "resize") is wide
+
+
+def test_a_very_thin_image_is_padded_at_the_towers_resolution(processor):
+    from PIL import Image
+
+    thin = Image.new("RGB", (1, 100_000), (0, 0, 255))  # padded at its own size it would be 10^10 pixels
+    assert square(thin, processor, "pad").size == (32, 32)
+
+
+def test_a_worker_reads_the_shard_without_loading_it(processor, zoo_ready, tmp_path):
+    """Items come from the memory-mapped file: the Arrow table's buffers are the file's pages, not copies."""
+    import pyarrow as pa
+
+    world_dir, _ = zoo_ready
+    records = json.loads((world_dir / "train.json").read_text())[:50]
+    data = dataset_of(records, processor, world_dir / "images", tmp_path)
+    item = data[7]
+    assert torch.equal(item["input_ids"], torch.from_numpy(tokenize(records[7], processor.tokenizer)
+                                                         .input_ids.astype(np.int64)))
+    assert pa.total_allocated_bytes() < 1000, "reading a row allocated Arrow memory: the shard was copied"

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from support import first_batch
 from transformers import BitsAndBytesConfig, LlavaForConditionalGeneration
 
 from study import export
-from trainables import data as D
 from trainables import worker
 from trainables.config import ConfigError, TrialConfig
 from trainables.methods import METHODS, apply_stage
@@ -38,17 +38,16 @@ def logits(model, batch) -> torch.Tensor:
         return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
 
 
-def tuned(method: str, tmp_path_factory, zero_stage: int = 2, steps: int = 8):
+def tuned(method: str, world_data, tmp_path_factory, zero_stage: int = 2, steps: int = 8):
     """(cfg, ctx, base, engine, counts, loss before, loss after, batch) after `steps` steps on one batch of 8."""
     lr = {"full": 1e-3, "lora": 1e-2, "qlora": 1e-2}[method]
-    cfg = TrialConfig(method=method, model_size="0.3m", stage1_steps=4, batch_size=8, lr=lr, zero_stage=zero_stage,
-                      storage=str(tmp_path_factory.getbasetemp() / "storage"))
-    ctx = worker.setup(cfg, 0, 1, torch.device("cpu"))
+    cfg = TrialConfig(method=method, model_size="0.3m", stage1_steps=4, batch_size=8, lr=lr, zero_stage=zero_stage)
+    ctx = worker.setup(cfg, 0, 1, torch.device("cpu"), world_data, tmp_path_factory.getbasetemp() / "storage")
     base, _ = worker.stage1(ctx)
     m = METHODS[method]
     model, counts = apply_stage(m.load(base, cfg), m.stage2, cfg, m.wrap)
-    data = ctx.encode("train.json", limit=8)
-    batch = D.collate(data, list(range(8)), ctx.processor.tokenizer.pad_token_id)
+    data = ctx.dataset("train", limit=8)
+    batch = first_batch(ctx)
     before = batch_loss(model, batch)
     engine, _, _ = worker.train(ctx, model, worker.param_groups(model, cfg), data, steps, "stage2")
     return cfg, ctx, base, engine, counts, before, batch_loss(engine.module, batch), batch
@@ -71,14 +70,14 @@ def projector_count(config) -> int:
 
 
 @pytest.fixture(scope="module")
-def runs(zoo_ready, process_group, tmp_path_factory):
-    return {}
+def runs(world_data, process_group, tmp_path_factory):
+    return {"data": world_data}
 
 
 def _get(runs, key, tmp_path_factory):
     if key not in runs:
         method, zero = key
-        runs[key] = tuned(method, tmp_path_factory, zero)
+        runs[key] = tuned(method, runs["data"], tmp_path_factory, zero)
     return runs[key]
 
 
@@ -194,17 +193,16 @@ def test_export_refuses_bad_runs_by_name(zoo_ready, tmp_path, capsys):
     assert f"run {parent}: has no 'method' param" in capsys.readouterr().err
 
 
-def test_export_keeps_mma_with_its_loader(zoo_ready, process_group, tmp_path):
+def test_export_keeps_mma_with_its_loader(world_data, process_group, tmp_path):
     from trainables.methods.mma import MMAModel
 
-    cfg = TrialConfig(method="mma", model_size="0.3m", batch_size=8, lr=1e-2, neck_every=1,
-                      storage=str(tmp_path / "storage"))
-    ctx = worker.setup(cfg, 0, 1, torch.device("cpu"))
+    cfg = TrialConfig(method="mma", model_size="0.3m", batch_size=8, lr=1e-2, neck_every=1)
+    ctx = worker.setup(cfg, 0, 1, torch.device("cpu"), world_data, tmp_path / "storage")
     base, meta = worker.stage1(ctx)
     assert meta["trainable_params"] == 0, "MMA is single-stage"
     m = METHODS["mma"]
     model, _ = apply_stage(m.load(base, cfg), m.stage2, cfg, m.wrap)
-    data = ctx.encode("train.json", limit=8)
+    data = ctx.dataset("train", limit=8)
     engine, _, _ = worker.train(ctx, model, worker.param_groups(model, cfg), data, 3, "stage2")
     out, _ = _save(ctx, engine, tmp_path / "trial")
     uri, run_id = _logged_trial(tmp_path, cfg, out)
@@ -212,5 +210,5 @@ def test_export_keeps_mma_with_its_loader(zoo_ready, process_group, tmp_path):
     moved = tmp_path / "moved"
     (tmp_path / "export").rename(moved)  # the exported folder is self-contained
     loaded = MMAModel.from_pretrained(moved / "mma")
-    batch = D.collate(data, list(range(8)), ctx.processor.tokenizer.pad_token_id)
+    batch = first_batch(ctx)
     assert torch.allclose(logits(loaded, batch), logits(engine.module, batch), atol=ATOL)

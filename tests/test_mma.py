@@ -9,9 +9,12 @@ import torch
 from transformers import AutoConfig, CLIPVisionConfig
 
 import trainables.methods.mma as mma
-from trainables import data as D
+from support import batch as batch_of
+from support import collate_for, dataset_of
+
 from trainables import worker
 from trainables.config import TrialConfig
+from trainables.data.loader import eval_loader
 from trainables.evaluate import generate_answers
 from trainables.methods import apply_stage, check_stage
 from trainables.model import build_llava, build_processor, llm_id, vision_id
@@ -19,33 +22,36 @@ from trainables.model import build_llava, build_processor, llm_id, vision_id
 
 @pytest.fixture(scope="module")
 def prepared(zoo_ready, tmp_path_factory):
-    """cfg, processor, the base LLaVA checkpoint (what a 0-step stage 1 saves), the world's directory."""
+    """cfg, processor, the base LLaVA checkpoint (what a 0-step stage 1 saves), the world's directory, a tmp dir."""
     world_dir, _ = zoo_ready
     cfg = TrialConfig(method="mma", model_size="0.3m", batch_size=4, stage2_steps=2, eval_samples=8)
     processor = build_processor(cfg)
     base = tmp_path_factory.mktemp("base")
     build_llava(cfg, processor).save_pretrained(base)
     processor.save_pretrained(base)
-    return cfg, processor, base, world_dir
+    return cfg, processor, base, world_dir, tmp_path_factory.mktemp("shards")
 
 
-def encoded(prepared, for_generation=False, n=4) -> D.Encoded:
-    """n image samples then n text-only samples."""
-    cfg, processor, base, root = prepared
+def encoded(prepared, for_generation=False, n=4):
+    """n image samples then n text-only samples, as a dataset a trial reads."""
+    cfg, processor, base, root, tmp = prepared
     names = ("eval.json", "text_eval.json") if for_generation else ("train.json", "text.json")
-    records = [r for name in names for r in D.read_records(root, name)[:n]]
-    return D.encode(records, processor, root, cfg.max_length, for_generation,
-                    image_tokens=mma.image_tokens(processor, cfg))
+    records = [r for name in names for r in json.loads((root / name).read_text())[:n]]
+    return dataset_of(records, processor, root / "images", tmp, for_generation)
+
+
+def collate(prepared, left=False):
+    cfg, processor = prepared[:2]
+    return collate_for(processor, mma.image_tokens(processor, cfg), cfg.max_length, left)
 
 
 def mixed_batch(prepared, n=4) -> dict:
-    data = encoded(prepared, n=n)
     rows = [i for pair in zip(range(n), range(n, 2 * n)) for i in pair]  # image, text, image, text, ...
-    return D.collate(data, rows, prepared[1].tokenizer.pad_token_id)
+    return batch_of(encoded(prepared, n=n), rows, collate(prepared))
 
 
 def fresh(prepared, **changes):
-    cfg, processor, base, root = prepared
+    cfg, processor, base, root, _ = prepared
     cfg = cfg.replace(**changes)
     return apply_stage(mma.METHOD.load(base, cfg), mma.METHOD.stage2, cfg, mma.wrap)
 
@@ -62,7 +68,7 @@ def perturbed(prepared) -> mma.MMAModel:
 
 
 def test_trainable_params_match_the_formulas(prepared):
-    cfg, processor, base, root = prepared
+    cfg, processor, base, root, _ = prepared
     a = cfg.adapter_dim
     text, vision = AutoConfig.from_pretrained(llm_id(cfg.model_size)), CLIPVisionConfig.from_pretrained(vision_id(cfg))
 
@@ -103,7 +109,7 @@ def test_llm_routers_route_on_the_modality_token(prepared):
 
 def test_vision_routers_route_per_image(prepared):
     model = perturbed(prepared)
-    pixels = encoded(prepared, n=2).pixel_values
+    pixels = batch_of(encoded(prepared, n=2), [0, 1], collate(prepared))["pixel_values"]
     # layer 0's [CLS] input is the class embedding alone, the same for every image; later ones have seen it
     adapter = model.llava.model.vision_tower.encoder.layers[1].self_attn.mma_adapter
     seen = []
@@ -116,10 +122,9 @@ def test_vision_routers_route_per_image(prepared):
 
 
 def test_text_only_at_init_is_the_base_llm(prepared):
-    cfg, processor, base, root = prepared
+    cfg, processor, base, root, _ = prepared
     model, _ = fresh(prepared)
-    data = encoded(prepared)
-    batch = D.collate(data, [4, 5, 6, 7], processor.tokenizer.pad_token_id)  # the text-only samples
+    batch = batch_of(encoded(prepared), [4, 5, 6, 7], collate(prepared))  # the text-only samples
     with torch.no_grad():
         ours = model(**batch).logits
         reference = mma.METHOD.load(base, cfg)(**batch).logits
@@ -144,7 +149,7 @@ def test_a_few_steps_lower_the_loss_and_touch_only_mma(prepared):
 
 
 def test_save_and_load_reproduce_the_logits(prepared, tmp_path):
-    cfg, processor, base, root = prepared
+    cfg, processor, base, root, _ = prepared
     model = perturbed(prepared)
     batch = mixed_batch(prepared)
     model.save_pretrained(tmp_path)
@@ -165,16 +170,17 @@ def test_save_and_load_reproduce_the_logits(prepared, tmp_path):
 
 
 def test_generation_is_the_same_at_any_batch_size(prepared):
-    cfg, processor, base, root = prepared
+    cfg, processor, base, root, _ = prepared
     model = perturbed(prepared)
     data = encoded(prepared, for_generation=True)
     rows = [i for pair in zip(range(4), range(4, 8)) for i in pair]
     tok = processor.tokenizer
-    one = generate_answers(model, data, rows, tok, 6, torch.device("cpu"), batch_size=1)
-    four = generate_answers(model, data, rows, tok, 6, torch.device("cpu"), batch_size=4)
-    assert one == four and len(set(one)) > 1, one
+    left = collate(prepared, left=True)
+    one = generate_answers(model, eval_loader(data, rows, 1, left), tok, 6, torch.device("cpu"))
+    four = generate_answers(model, eval_loader(data, rows, 4, left), tok, 6, torch.device("cpu"))
+    assert one == four and len(set(one.values())) > 1, one
     # the prompt comes back first, and the first new token is what forward predicts
-    batch = D.collate(data, [0], tok.pad_token_id, left=True)
+    batch = batch_of(data, [0], left)
     batch.pop("labels")
     with torch.no_grad():
         out = model.generate(**batch, max_new_tokens=1, do_sample=False, pad_token_id=tok.pad_token_id)
@@ -201,11 +207,28 @@ def test_zero2_step_and_save_under_deepspeed(prepared, process_group, tmp_path):
     assert {f.name for f in (tmp_path / "mma").iterdir()} == {"adapter_model.safetensors", "mma_config.json"}
 
 
-def test_the_worker_trains_and_evaluates_mma(prepared, process_group):
-    cfg, processor, base, root = prepared
-    ctx = worker.setup(cfg, 0, 1, torch.device("cpu"))
-    assert ctx.image_tokens == 2 and worker.stage1_steps(cfg) == 0
-    engine, counts, seconds, loss, skipped = worker.stage2(ctx, base)
-    assert counts["projector"] == 0 and skipped == 0 and loss == loss
+class Losses:
+    """What the worker logs per step (a TrialLog's interface, kept in memory)."""
+
+    def __init__(self):
+        self.values: dict[int, float] = {}
+
+    def metric(self, key: str, value: float, step: int) -> None:
+        self.values[step] = value
+
+    def flush(self) -> None:
+        pass
+
+
+def test_the_worker_trains_and_evaluates_mma(prepared, world_data, process_group, tmp_path):
+    cfg, processor, base, root, _ = prepared
+    cfg = cfg.replace(stage2_steps=12, batch_size=8, lr=1e-2)
+    log = Losses()
+    ctx = worker.setup(cfg, 0, 1, torch.device("cpu"), world_data, tmp_path, log)
+    assert ctx.image_tokens == 2 and worker.stage1_steps(ctx) == 0
+    engine, counts, seconds, loss, mix = worker.stage2(ctx, base)
+    assert counts["projector"] == 0 and mix == 0
+    losses = [log.values[step] for step in sorted(log.values)]
+    assert len(losses) == 12 and sum(losses[-3:]) < 0.9 * sum(losses[:3]), losses
     scores = worker.evaluate(ctx, engine)
-    assert all(0 <= scores[k] <= 100 for k in ("score", "text_score")), scores
+    assert set(scores) == {"score", "text_score", "multiple_choice", "unparsed"} and scores["multiple_choice"] == 0

@@ -61,13 +61,13 @@ def trained(engine, zero_stage: int) -> dict[str, torch.Tensor]:
         return {n: p.detach().clone() for n, p in params}
 
 
-def resumed_and_uninterrupted(method: str, zero_stage: int, tmp_path, tmp_path_factory, n: int = 6):
+def resumed_and_uninterrupted(method: str, zero_stage: int, world_data, tmp_path, tmp_path_factory, n: int = 6):
     """Stage 2 for 2n steps straight, and for n steps + checkpoint + crash + resume in a fresh engine."""
     lr = {"full": 1e-3, "lora": 1e-2, "qlora": 1e-2, "mma": 1e-2}[method]
     cfg = TrialConfig(method=method, model_size="0.3m", stage1_steps=4, stage2_steps=2 * n, batch_size=8, lr=lr,
-                      zero_stage=zero_stage, checkpoint_every=n,
-                      storage=str(tmp_path_factory.getbasetemp() / "storage"))  # stage 1 shared with test_methods
-    ctx = worker.setup(cfg, 0, 1, torch.device("cpu"), Recorder())
+                      zero_stage=zero_stage, checkpoint_every=n)
+    ctx = worker.setup(cfg, 0, 1, torch.device("cpu"), world_data, tmp_path_factory.getbasetemp() / "storage",
+                       Recorder())  # stage 1 shared with test_methods
     base, _ = worker.stage1(ctx)
 
     torch.manual_seed(cfg.seed)
@@ -101,13 +101,13 @@ CASES = [("lora", 2), ("full", 3), ("qlora", 2), ("lora", 3), ("full", 2), ("mma
 
 
 @pytest.mark.parametrize("method, zero_stage", CASES, ids=[f"{m}-zero{z}" for m, z in CASES])
-def test_resumed_stage2_ends_where_an_uninterrupted_one_does(zoo_ready, process_group, tmp_path, tmp_path_factory,
+def test_resumed_stage2_ends_where_an_uninterrupted_one_does(world_data, process_group, tmp_path, tmp_path_factory,
                                                              monkeypatch, method, zero_stage):
     def no_unpickling(*args, **kwargs):
         raise AssertionError("a checkpoint was unpickled")
 
     monkeypatch.setattr(torch, "load", no_unpickling)
-    r = resumed_and_uninterrupted(method, zero_stage, tmp_path, tmp_path_factory)
+    r = resumed_and_uninterrupted(method, zero_stage, world_data, tmp_path, tmp_path_factory)
     n = r["cfg"].checkpoint_every
     assert r["reported"] == {"stage2_step": n, "train_loss": r["straight_losses"][n - 1]}
     assert r["flushed_before_report"] == 1, "steps up to a checkpoint must reach MLflow before it is reported"
@@ -130,11 +130,12 @@ def test_resumed_stage2_ends_where_an_uninterrupted_one_does(zoo_ready, process_
     assert json.loads((r["saved"] / "trial.json").read_text())["step"] == n
 
 
-def test_a_checkpoint_after_the_last_step_resumes_straight_to_evaluation(zoo_ready, process_group, tmp_path,
+def test_a_checkpoint_after_the_last_step_resumes_straight_to_evaluation(world_data, process_group, tmp_path,
                                                                           tmp_path_factory):
     cfg = TrialConfig(model_size="0.3m", stage1_steps=4, stage2_steps=4, batch_size=8, checkpoint_every=10,
-                      eval_samples=16, storage=str(tmp_path_factory.getbasetemp() / "storage"))
-    ctx = worker.setup(cfg, 0, 1, torch.device("cpu"), Recorder())
+                      eval_samples=16)
+    ctx = worker.setup(cfg, 0, 1, torch.device("cpu"), world_data, tmp_path_factory.getbasetemp() / "storage",
+                       Recorder())
     base, _ = worker.stage1(ctx)
     saved = tmp_path / "checkpoint"
     saver = Saver(cfg.checkpoint_every, cfg, 0, 1, lambda metrics, directory: shutil.copytree(directory, saved))
@@ -147,10 +148,10 @@ def test_a_checkpoint_after_the_last_step_resumes_straight_to_evaluation(zoo_rea
     assert worker.evaluate(ctx, again) == worker.evaluate(ctx, engine)
 
 
-def test_a_checkpoint_of_another_trial_is_refused_by_name(zoo_ready, process_group, tmp_path, tmp_path_factory):
-    r = resumed_and_uninterrupted("lora", 2, tmp_path, tmp_path_factory, n=2)
+def test_a_checkpoint_of_another_trial_is_refused_by_name(world_data, process_group, tmp_path, tmp_path_factory):
+    r = resumed_and_uninterrupted("lora", 2, world_data, tmp_path, tmp_path_factory, n=2)
     cfg = r["cfg"]
-    assert checkpoint.check(r["saved"], cfg.replace(checkpoint_every=7, storage="/elsewhere"), 1)["step"] == 2
+    assert checkpoint.check(r["saved"], cfg.replace(checkpoint_every=7, loader_workers=0), 1)["step"] == 2
     with pytest.raises(CheckpointMismatch, match="lr=0.01"):
         checkpoint.check(r["saved"], cfg.replace(lr=0.02), 1)
     with pytest.raises(CheckpointMismatch, match="saved by 1 workers, resumed by 2"):

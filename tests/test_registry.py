@@ -10,12 +10,12 @@ from functools import partial
 import pandas as pd
 import pytest
 import torch
+from support import first_batch
 from test_methods import _logged_trial, _save, batch_loss, logits, ATOL
 
 from analysis.plots import trial_label
 from analysis.tables import tidy
 from study import export
-from trainables import data as D
 from trainables import worker
 from trainables.config import ConfigError, TrialConfig
 from trainables.methods import METHODS, apply_stage, lora, register
@@ -54,17 +54,17 @@ def test_analysis_blanks_leftovers_of_older_runs_by_asking_the_registry():
     assert [trial_label(r) for _, r in t.iterrows()] == ["full 1m", "qlora 1m r8"]
 
 
-def test_a_fifth_method_added_in_one_module(toy_method, zoo_ready, process_group, tmp_path):
+def test_a_fifth_method_added_in_one_module(toy_method, world_data, process_group, tmp_path):
     cfg = TrialConfig(method="lora_attn", model_size="0.3m", stage1_steps=4, batch_size=8, lr=1e-2, lora_rank=4,
-                      lora_alpha=8.0, storage=str(tmp_path / "storage"))
+                      lora_alpha=8.0)
     assert set(cfg.logged_params()) >= {"lora_rank", "alpha_per_rank"} and "adapter_dim" not in cfg.logged_params()
-    ctx = worker.setup(cfg, 0, 1, torch.device("cpu"))
+    ctx = worker.setup(cfg, 0, 1, torch.device("cpu"), world_data, tmp_path / "storage")
     base, _ = worker.stage1(ctx)
     model, counts = apply_stage(toy_method.load(base, cfg), toy_method.stage2, cfg, toy_method.wrap)
     adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in model.named_parameters() if ".lora_A" in n}
     assert adapted == set(ATTENTION), "LoRA where the toy method did not put it"
-    data = ctx.encode("train.json", limit=8)
-    batch = D.collate(data, list(range(8)), ctx.processor.tokenizer.pad_token_id)
+    data = ctx.dataset("train", limit=8)
+    batch = first_batch(ctx)
     before = batch_loss(model, batch)
     engine, _, _ = worker.train(ctx, model, worker.param_groups(model, cfg), data, 8, "stage2")
     assert batch_loss(engine.module, batch) < 0.9 * before

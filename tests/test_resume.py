@@ -153,19 +153,21 @@ def test_an_interrupted_trial_starts_again_in_its_own_run(tmp_path):
 
 def stored_study(cwd: Path, space: Path, *flags: str) -> str:
     """The study's MLflow run as `study.run` starts it, for the command `space --smoke *flags`."""
+    from study import mlflow_runs
     from study import run as cli
     from study import space as spaces
-    from study import mlflow_runs as tracking
+    from study.plan import make_plan
     from tracking import store
-    from study.study import settings
 
-    args = cli.parse_args([str(space), "--smoke", "--storage", str(cwd / "studies"), *flags])
+    # planned against an empty storage (this one already holds Tune's state), then logged as of this one
+    args = cli.parse_args([str(space), "--smoke", "--storage", str(cwd / "planned"), "--dry-run", *flags])
     loaded = spaces.load(space)
-    p = cli.plan(args, loaded)
+    plan, _ = make_plan(args, loaded)
     uri = store.resolve_uri(f"sqlite:///{cwd / 'mlflow.db'}")
     client = MlflowClient(uri)
-    exp = store.ensure_experiment(client, p["study"], uri)
-    return tracking.start_study_run(client, exp, p["study"], settings(args, loaded, p))
+    exp = store.ensure_experiment(client, plan.study, uri)
+    settings = {**plan.settings(loaded), "storage": str((cwd / "studies").resolve())}
+    return mlflow_runs.start_study_run(client, exp, plan.study, settings)
 
 
 def dry(capsys, space: Path, *flags: str, smoke: bool = True) -> tuple[int, str, str]:

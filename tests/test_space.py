@@ -50,10 +50,28 @@ def test_alpha_as_multiple_of_rank(tmp_path):
     ("SPACE = {}\nFIXED = {'model_size': '65b'}", "model_size='65b'"),
     ("SPACE = {}\nFIXED = {'checkpoint_every': -1}", "checkpoint_every=-1"),
     ("SPACE = undefined_name", "fails to load: NameError"),
+    # every value the sampler can produce is checked, not only the corners of each range
+    ("SPACE = {}\nMETRIC = 'scroe'", "METRIC='scroe' is not a metric a trial reports at its end"),
+    ("SPACE = {}\nMETRIC = 'train_loss'", "METRIC='train_loss' is not a metric a trial reports"),
+    ("SPACE = {}\nMETRIC = 'gpu_hours'", "MODE='max' with METRIC='gpu_hours', where lower is better"),
+    ("SPACE = {}\nFIXED = {'data': '/elsewhere'}", r"FIXED\['data'\]: data is a setting of the command \(--data DIR\)"),
+    ("SPACE = {}\nSMOKE = {'storage': '/tmp/x'}", r"SMOKE\['storage'\]: storage is a setting of the command"),
+    ("SPACE = {'lora_rank': choice([])}", r"SPACE\['lora_rank'\]: choice\(\) needs at least one value"),
+    ("SPACE = {'lora_rank': uniform(8, 64)}", "lora_rank is an integer, and uniform.*sample fractions .e.g. 36"),
+    ("SPACE = {}\nMAX_CONCURRENT = 1.5", "MAX_CONCURRENT=1.5 should be an integer of at least 1"),
+    ("SPACE = {}\nMAX_CONCURRENT = 0", "MAX_CONCURRENT=0 should be an integer"),
+    ("SPACE = {}\nSEED = '7'", "SEED='7' should be an integer"),
+    ("SPACE = {'lr': choice([1e-3, float('inf')])}", "lr=inf is not a finite number"),
+    ("SPACE = {'lr': uniform(1e-4, float('inf'))}", "is not finite"),
+    ("SPACE = {'image_size': choice([32, 64])}", "image_size=64 is out of range"),
+    ("SPACE = {'batch_size': randint(8, 32)}\nFIXED = {'num_workers': 2}", "batch_size=9 is out of range"),
+    ("SPACE = {'method': choice(['lora', 'qlora']), 'zero_stage': choice([2, 3])}",
+     r"SPACE: zero_stage=3 with method=qlora.*\(the sampler can produce method='qlora', zero_stage=3\)"),
+    ("import sys\nsys.exit(3)", r"calls sys.exit\(3\) while loading"),
 ])
 def test_bad_space_files_name_the_key(tmp_path, body, culprit):
     f = tmp_path / "bad.py"
-    f.write_text("from study.space import choice, loguniform, uniform, alpha_per_rank\n" + body + "\n")
+    f.write_text("from study.space import choice, loguniform, uniform, randint, alpha_per_rank\n" + body + "\n")
     with pytest.raises(spaces.SpaceError, match=culprit) as e:
         spaces.load(f)
     assert str(f) in str(e.value)
@@ -65,7 +83,7 @@ def test_grid_sampler_walks_every_combination(tmp_path):
     space = spaces.load(Path(__file__).parent.parent / "search_spaces" / "scaling.py")
     assert space.sampler == "grid" and space.grid_size() == space.num_samples == 12
     study = optuna.create_study(sampler=space.optuna_sampler())
-    study.optimize(lambda trial: (space.define_by_run()(trial), 0.0)[1], n_trials=20)  # the grid stops it
+    study.optimize(lambda trial: (space.define_by_run(space.constants())(trial), 0.0)[1], n_trials=20)  # the grid stops it
     assert len({tuple(sorted(t.params.items())) for t in study.trials}) == len(study.trials) == 12
 
 

@@ -158,8 +158,8 @@ def test_foreign_dataset_with_bad_records_trains_with_skip_invalid(tmp_path, dat
     assert parent.data.metrics["skipped_records"] == 2
     skipped = Path(client.download_artifacts(parent.info.run_id, "data", str(tmp_path / "dl")))
     assert {s["id"] for s in json.loads(next(skipped.glob("*.json")).read_text())} >= {"gone-1", "broken-2"}
-    assert trial.info.status == "FINISHED" and trial.data.params["data"] != str(dataset_dir)
-    assert "text_score" in trial.data.metrics
+    assert trial.info.status == "FINISHED" and parent.data.params["data"] == str(dataset_dir.resolve())
+    assert "text_score" in trial.data.metrics and "data" not in trial.data.params
 
 
 def test_smoke_scaling_grid(tmp_path):
@@ -169,3 +169,17 @@ def test_smoke_scaling_grid(tmp_path):
     combos = {(t.data.params["model_size"], t.data.params["image_size"], t.data.params["mix_ratio"]) for t in trials}
     assert len(combos) == 2, "a grid never repeats a combination"
     assert all("text_score" in t.data.metrics for t in trials)
+
+
+def test_smoke_cluster_shapes_on_a_llava_instruct_shaped_dataset(tmp_path):
+    """The real shapes end to end: 336-px images of several aspect ratios, 576 image tokens, the Vicuna template,
+    max_length 2048, long multi-turn answers, no eval.json nor captions.json (held out; stage 1 skipped)."""
+    from zoo import llava_like
+
+    data = llava_like.write(tmp_path / "llava-like", records=24, progress=False)
+    r = study(REPO / "search_spaces" / "cluster_shapes.py", tmp_path, "--num-samples", "1", "--data", str(data))
+    assert "no eval.json: 2 records of train.json" in r.stdout and "stage 1 is skipped" in r.stdout, r.stdout[-3000:]
+    client, parents, (trial,) = runs_of(tmp_path, "cluster_shapes")
+    assert trial.info.status == "FINISHED" and trial.data.params["max_length"] == "2048"
+    assert trial.data.params["stage1_steps"] == "0" and trial.data.metrics["stage1_trainable_params"] == 0
+    assert trial.data.params["vision_tower"] == "clip-l14-336-tiny" and "score" in trial.data.metrics

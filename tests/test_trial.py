@@ -11,10 +11,9 @@ from trainables.model import build_llava
 
 
 @pytest.fixture(scope="module")
-def trial(zoo_ready, process_group, tmp_path_factory):
-    cfg = TrialConfig(model_size="0.3m", stage1_steps=6, stage2_steps=6, batch_size=8, eval_samples=16,
-                      lr=3e-3, storage=str(tmp_path_factory.mktemp("storage")))
-    ctx = worker.setup(cfg, 0, 1, torch.device("cpu"))
+def trial(world_data, process_group, tmp_path_factory):
+    cfg = TrialConfig(model_size="0.3m", stage1_steps=6, stage2_steps=6, batch_size=8, eval_samples=16, lr=3e-3)
+    ctx = worker.setup(cfg, 0, 1, torch.device("cpu"), world_data, tmp_path_factory.mktemp("storage"))
     initial = {k: v.clone() for k, v in build_llava(cfg, ctx.processor).state_dict().items()}
     base, meta = worker.stage1(ctx)
     return cfg, ctx, initial, base, meta
@@ -37,13 +36,13 @@ def test_stage1_is_cached_by_key(trial):
     stamp = (base / "stage1.json").stat().st_mtime_ns
     again, meta2 = worker.stage1(ctx)
     assert again == base and meta2 == meta and (base / "stage1.json").stat().st_mtime_ns == stamp
-    other = worker.setup(cfg.replace(stage1_steps=7), 0, 1, torch.device("cpu"))
+    other = worker.setup(cfg.replace(stage1_steps=7), 0, 1, torch.device("cpu"), ctx.data, ctx.storage)
     assert worker.stage1_key(other) != worker.stage1_key(ctx)
 
 
 def test_stage2_lora_leaves_base_weights_untouched(trial):
     cfg, ctx, initial, base, meta = trial
-    engine, counts, seconds, loss, skipped = worker.stage2(ctx, base)
+    engine, counts, seconds, loss, mix = worker.stage2(ctx, base)
     base_state = LlavaForConditionalGeneration.from_pretrained(base).state_dict()
     trained = dict(engine.module.named_parameters())
     lora = {n: p for n, p in trained.items() if "lora_" in n}

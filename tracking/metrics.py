@@ -65,6 +65,9 @@ _SPECS = [
                "stage-2 seconds)", "throughput (samples/s)", "{:.0f}"),
     MetricSpec("final_train_loss", "nats per token", MIN, "stage2", "mean stage-2 loss over the last tenth of the "
                "steps", "final training loss", "{:.3f}"),
+    MetricSpec("mix_ratio_used", "fraction", NEITHER, "stage2", "share of language-only samples in stage 2's "
+               "data as trained (mix_ratio, less when text.json has too few records)", "language-only share",
+               "{:.2f}"),
     MetricSpec("train_loss", "nats per token", MIN, "stage2", "stage-2 loss at each step (rank-averaged)",
                "training loss", "{:.3f}", per_step=True),
     MetricSpec("stage1_loss", "nats per token", MIN, "stage1", "stage-1 loss at each step, when the trial "

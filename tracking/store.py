@@ -59,16 +59,58 @@ def ensure_experiment(client: MlflowClient, name: str, uri: str) -> str:
     return client.create_experiment(name, artifact_location=f"{root}/{name}" if root else None)
 
 
+def literal(value: str) -> str | None:
+    """`value` as a string literal of MLflow's filter syntax, or None where it has none.
+
+    MLflow's filter strings have no escape: a value holding `'` must be written in double
+    quotes, one holding `"` in single quotes, and one holding both cannot be written at all
+    (`where` then matches a prefix and compares exactly in Python)."""
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    return None
+
+
+def where(conditions: dict[str, str]) -> tuple[str, callable]:
+    """(a filter string, an exact test of a run) for `{field: value}` equalities, such as
+    {"params.storage": "/home/o'brien/studies"}: any value, quotes included, is matched exactly."""
+    clauses = []
+    for field, value in conditions.items():
+        lit = literal(value)
+        if lit is not None:
+            clauses.append(f"{field} = {lit}")
+        else:  # the longest prefix without a quote, then Python decides (LIKE's own wildcards only widen it)
+            prefix = value[:min(value.index("'"), value.index('"'))]
+            clauses.append(f"{field} LIKE '{prefix}%'")
+
+    def matches(run) -> bool:
+        return all(_field_of(run, field) == value for field, value in conditions.items())
+
+    return " and ".join(clauses), matches
+
+
+def _field_of(run, field: str):
+    kind, _, name = field.partition(".")
+    name = name.strip("`")
+    if kind == "tags":
+        return run.data.tags.get(name)
+    if kind == "params":
+        return run.data.params.get(name)
+    return getattr(run.info, name)
+
+
 def find_trial_run(client: MlflowClient, experiment_id: str, trial_id: str):
-    runs = client.search_runs([experiment_id], filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}'", max_results=1)
-    return runs[0] if runs else None
+    query, matches = where({f"tags.`{TRIAL_TAG}`": trial_id})
+    return next((r for r in all_runs(client, experiment_id, query) if matches(r)), None)
 
 
 def find_study_run(client: MlflowClient, experiment_id: str, study: str, storage: str):
-    """The study's own run (named after it, no parent) that was started on `storage`; the newest if several."""
-    query = f"tags.`{STUDY_TAG}` = '{study}' and attributes.run_name = '{study}' and params.storage = '{storage}'"
+    """The study's own run (named after it, no parent) that was started on `storage`; the newest if several.
+    Names and paths may hold quotes ("bob's study", /home/o'brien): `where` matches them exactly."""
+    query, matches = where({f"tags.`{STUDY_TAG}`": study, "attributes.run_name": study, "params.storage": storage})
     runs = client.search_runs([experiment_id], filter_string=query, order_by=["attributes.start_time DESC"])
-    return next((r for r in runs if PARENT_TAG not in r.data.tags), None)
+    return next((r for r in runs if PARENT_TAG not in r.data.tags and matches(r)), None)
 
 
 def find_study(uri: str, study: str, storage: str):
@@ -94,4 +136,5 @@ def all_runs(client: MlflowClient, experiment_id: str, query: str):
 
 def trial_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> list:
     """Every trial run nested under a study's run."""
-    return list(all_runs(client, experiment_id, f"tags.`{PARENT_TAG}` = '{parent_run_id}'"))
+    query, matches = where({f"tags.`{PARENT_TAG}`": parent_run_id})
+    return [r for r in all_runs(client, experiment_id, query) if matches(r)]

@@ -49,7 +49,7 @@ TRIAL = "trial.json"
 LOSS_SCALER = "loss_scaler"  # DeepSpeed's key; an object, not data (see `capture`)
 SLICES = "param_slice_mappings"  # DeepSpeed's key: trained weight name -> its place in the flat partition
 # Config keys that may differ between the run that saved a checkpoint and the one that resumes it.
-MAY_DIFFER = ("storage", "checkpoint_every", "max_worker_failures")
+MAY_DIFFER = ("checkpoint_every", "max_worker_failures", "loader_workers", "eval_batch_size")
 
 
 class CheckpointMismatch(ValueError):

@@ -9,10 +9,12 @@ is built from a flat dict; unknown keys and out-of-range values raise
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 PAPER_PRICE_PER_NODE_HOUR = 13.63  # the scaling paper's cost convention ($ per 8-GPU node-hour)
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray's, for a trial's workers
 
 
 class ConfigError(ValueError):
@@ -29,9 +31,10 @@ class TrialConfig:
     method: str = _doc("tuning method of stage 2 (see trainables.methods.METHODS)", default="lora")
     model_size: str = _doc("the LLM: a zoo size (0.3m, 1m, 3.6m) or a Hugging Face id / local path "
                            "(e.g. lmsys/vicuna-7b-v1.5 on a cluster)", default="1m")
-    vision_tower: str = _doc("vision tower id or path; empty = the zoo tower at image_size", default="")
-    image_size: int = _doc("input resolution of the vision tower (zoo: 32 or 48; CLIP-L: 224 or 336)",
-                           default=32)
+    vision_tower: str = _doc("the vision tower: empty = the zoo's at image_size, a shaped tower (zoo.shapes), or a "
+                             "Hugging Face id / path (e.g. openai/clip-vit-large-patch14-336)", default="")
+    image_size: int = _doc("input resolution of the vision tower in pixels (the zoo's towers: 32 or 48; a shaped "
+                           "tower's own; CLIP-L/14: 224 or 336)", default=32)
     image_aspect: str = _doc("non-square images: 'pad' to square with the mean colour (LLaVA's default) "
                              "or 'resize'", default="pad")
     lora_rank: int = _doc("LoRA rank r", default=16)
@@ -59,6 +62,8 @@ class TrialConfig:
     max_length: int = _doc("token budget per sample, image tokens included", default=128)
     eval_samples: int = _doc("held-out samples evaluated (0 = all)", default=400)
     max_new_tokens: int = _doc("greedy-decoding budget per answer", default=8)
+    eval_batch_size: int = _doc("prompts per generate() call in evaluation (answers are the same at any size)",
+                                default=32)
     seed: int = _doc("seed of data order, LoRA init and dropout", default=0)
     # --- where and how it runs ---
     num_workers: int = _doc("Ray Train workers (data-parallel ranks) per trial", default=1)
@@ -71,19 +76,28 @@ class TrialConfig:
                                     "each from the last checkpoint, before the trial fails (0 = never; an "
                                     "error of the trial itself, e.g. a diverging loss, is not trained again)",
                                     default=2)
+    loader_workers: int = _doc("DataLoader processes per worker that read, decode and preprocess batches "
+                               "beside training (0 = in the training process)", default=1)
+    placement_strategy: str = _doc("where a trial's workers go on a cluster (Ray's placement strategies: PACK "
+                                   "onto few nodes, SPREAD, STRICT_PACK one node, STRICT_SPREAD one per node)",
+                                   default="PACK")
     devices_per_node: int = _doc("devices per node for GPU-hours per node (the paper: 8 A100s)", default=8)
-    price_per_node_hour: float = _doc("dollars per node-hour", default=PAPER_PRICE_PER_NODE_HOUR)
-    data: str = _doc("dataset directory (LLaVA format); empty = the synthetic world", default="")
-    storage: str = _doc("study storage (stage-1 cache); set by study.run", default="")
+    price_per_node_hour: float = _doc("dollars per node-hour (the paper, Table 4: $13.63 per 8-A100 node-hour)",
+                                      default=PAPER_PRICE_PER_NODE_HOUR)
 
     def __post_init__(self):
-        from zoo import LLM_SIZES
+        from zoo import IMAGE_SIZES, LLM_SIZES
+        from zoo.shapes import SHAPED_LLMS, SHAPED_TOWERS
         from trainables.methods import METHODS
 
         checks = {
             "method": self.method in METHODS,
-            "model_size": self.model_size in LLM_SIZES or "/" in self.model_size,
-            "image_size": self.image_size >= 8,
+            "model_size": self.model_size in LLM_SIZES or self.model_size in SHAPED_LLMS or "/" in self.model_size,
+            "vision_tower": (not self.vision_tower or "/" in self.vision_tower or self.vision_tower in SHAPED_TOWERS),
+            "image_size": self.image_size >= 8 and (
+                (not self.vision_tower and self.image_size in IMAGE_SIZES) or "/" in self.vision_tower
+                or (self.vision_tower in SHAPED_TOWERS
+                    and self.image_size == SHAPED_TOWERS[self.vision_tower]["image_size"])),
             "image_aspect": self.image_aspect in ("pad", "resize"),
             "lora_rank": self.lora_rank > 0,
             "lora_alpha": self.lora_alpha > 0,
@@ -104,6 +118,9 @@ class TrialConfig:
             "max_length": self.max_length > 0,
             "eval_samples": self.eval_samples >= 0,
             "max_new_tokens": self.max_new_tokens > 0,
+            "eval_batch_size": self.eval_batch_size > 0,
+            "loader_workers": self.loader_workers >= 0,
+            "placement_strategy": self.placement_strategy in PLACEMENT_STRATEGIES,
             "num_workers": self.num_workers > 0,
             "zero_stage": self.zero_stage in (2, 3),
             "checkpoint_every": self.checkpoint_every >= 0,
@@ -111,10 +128,17 @@ class TrialConfig:
             "devices_per_node": self.devices_per_node > 0,
             "price_per_node_hour": self.price_per_node_hour >= 0,
         }
+        for f in fields(self):  # inf or nan passes every comparison above that it should fail
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name}={value!r} is not a finite number ({self.help(f.name)})")
         for key, ok in checks.items():
             if not ok:
                 hint = {"method": f"one of {sorted(METHODS)}",
-                        "model_size": f"a zoo size {sorted(LLM_SIZES)} or a Hugging Face id / path"}.get(key, self.help(key))
+                        "model_size": f"a zoo size {sorted(LLM_SIZES)}, a shaped model {sorted(SHAPED_LLMS)}, or a "
+                                      "Hugging Face id / path",
+                        "vision_tower": f"empty (the zoo's tower at image_size), a shaped tower "
+                                        f"{sorted(SHAPED_TOWERS)}, or a Hugging Face id / path"}.get(key, self.help(key))
                 raise ConfigError(f"{key}={getattr(self, key)!r} is out of range ({hint})")
         problem = METHODS[self.method].problem(self)
         if problem:

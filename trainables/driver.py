@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainables.config import trial_config
+from trainables.data.check import DataPlan
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,8 @@ class StudyContext:
     """What every trial of a study shares; not part of the trial's config or params."""
     tracking_uri: str
     experiment_id: str
-    storage: str
+    storage: str        # the study's storage: stage-1 cache, Ray Train runs (shared by path across nodes)
+    data: DataPlan      # the checked data: shards per tokenizer and split (trainables.data.check)
     cpus_per_worker: int = 1
 
 
@@ -62,9 +64,10 @@ def run_trial(config: dict, study: StudyContext) -> None:
         train_loop_per_worker=train_loop,
         train_loop_config={"trial": cfg.to_dict(), "trial_id": trial_id, "tracking_uri": study.tracking_uri,
                            "experiment_id": study.experiment_id, "threads": study.cpus_per_worker,
-                           "run_dir": str(storage / name)},
+                           "run_dir": str(storage / name), "data": study.data, "storage": study.storage},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker=None if cfg.use_gpu else {"CPU": study.cpus_per_worker}),
+                                     resources_per_worker=None if cfg.use_gpu else {"CPU": study.cpus_per_worker},
+                                     placement_strategy=cfg.placement_strategy),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         run_config=RunConfig(name=name, storage_path=str(storage),
                              callbacks=[final_report_callback()],

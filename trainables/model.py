@@ -19,10 +19,23 @@ def trust_remote_code() -> bool:
 
 
 def llm_id(model_size: str) -> str:
-    return str(zoo.llm_path(model_size)) if model_size in zoo.LLM_SIZES else model_size
+    """Where an LLM loads from: a zoo size, a shaped model (zoo.shapes), else a Hugging Face id or path."""
+    from zoo import shapes
+
+    if model_size in zoo.LLM_SIZES:
+        return str(zoo.llm_path(model_size))
+    if model_size in shapes.SHAPED_LLMS:
+        return str(shapes.path_of(model_size))
+    return model_size
 
 
 def vision_id(cfg) -> str:
+    """Where the vision tower loads from: `vision_tower` (a shaped tower, an id or a path), else the zoo's at
+    `image_size`."""
+    from zoo import shapes
+
+    if cfg.vision_tower in shapes.SHAPED_TOWERS:
+        return str(shapes.path_of(cfg.vision_tower))
     if cfg.vision_tower:
         return cfg.vision_tower
     if cfg.image_size not in zoo.IMAGE_SIZES:
@@ -56,6 +69,15 @@ def num_image_tokens(processor) -> int:
     """Image tokens per image: one per patch, CLS dropped (LLaVA's 'default' strategy)."""
     size = processor.image_processor.crop_size["height"]
     return (size // processor.patch_size) ** 2
+
+
+def image_tokens(cfg, processor) -> int:
+    """Placeholder tokens per image for this trial: its method's count (MMA's neck uses a few), else
+    one per vision patch as LLaVA (576 for CLIP-L/14 at 336 px)."""
+    from trainables.methods import METHODS
+
+    count = METHODS[cfg.method].image_tokens
+    return count(processor, cfg) if count else num_image_tokens(processor)
 
 
 def build_llava(cfg, processor, dtype=torch.float32):

@@ -11,7 +11,6 @@ a worker dies, Ray Train restarts the group and stage 2 resumes from the latest 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import math
 import os
@@ -23,9 +22,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from trainables import data as D
 from trainables.config import TrialConfig
-from trainables.evaluate import question_texts, score_details
+from trainables.data.check import DataPlan
+from trainables.data.loader import Collate, SplitDataset, train_loader
+from trainables.evaluate import score_details
 from trainables.methods import METHODS, STAGE1, apply_stage, check_stage, dir_mb
 
 
@@ -36,37 +36,46 @@ class Ctx:
     world: int
     device: torch.device
     processor: object
-    root: Path
-    log: object  # tracking.trial_log.TrialLog on rank 0, else None
+    data: DataPlan   # the study's checked data: its shards per tokenizer and split
+    storage: Path    # the study's storage (stage-1 cache)
+    log: object      # tracking.trial_log.TrialLog on rank 0, else None
     name: str = ""
-    image_tokens: int | None = None  # placeholders per image; None = one per vision patch (LLaVA)
+    image_tokens: int = 0  # features (and <image> tokens) per image for this trial's tower and method
 
-    def encode(self, name: str, for_generation: bool = False, limit: int = 0) -> D.Encoded:
-        """One split of the trial's dataset, tokenized for this trial's model and method (shared shards)."""
-        from trainables import shards
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
 
-        storage = Path(self.cfg.storage) if self.cfg.storage else None
-        data, hit, seconds = shards.encoded(self.root, name, self.processor, self.cfg.max_length, storage,
-                                            for_generation, self.image_tokens, limit, self.cfg.image_aspect)
-        if data.ids:
-            self.say(f"{name}: {len(data.ids)} samples {'from the shard cache' if hit else 'preprocessed'} "
-                     f"in {seconds:.1f} s")
-        return data
+    def dataset(self, split: str, limit: int = 0) -> SplitDataset | None:
+        """One split of the study's data for this trial's tokenizer (None when the dataset has none)."""
+        from trainables.data.shards import tokenizer_key
+
+        found = self.data.split(tokenizer_key(self.tokenizer), split)
+        if found is None:
+            return None
+        if not found.shard:
+            raise RuntimeError(f"split {split} has no shard: the study's data check ran as a dry run")
+        dataset = SplitDataset(found, self.processor, self.cfg.image_aspect)
+        if limit and limit < len(dataset):
+            dataset.rows = dataset.rows[:limit]
+        return dataset
+
+    def collate(self, left: bool = False) -> Collate:
+        tok = self.tokenizer
+        return Collate(tok.pad_token_id, tok.convert_tokens_to_ids("<image>"), self.image_tokens,
+                       self.cfg.max_length, left)
 
     def say(self, msg: str) -> None:
         if self.rank == 0:
             print(f"[{self.name} {self.cfg.method} {self.cfg.model_size}] {msg}", flush=True)
 
 
-def setup(cfg: TrialConfig, rank: int, world: int, device, log=None, name: str = "trial") -> Ctx:
-    import zoo
-    from trainables.model import build_processor
+def setup(cfg: TrialConfig, rank: int, world: int, device, data: DataPlan, storage: Path, log=None,
+          name: str = "trial") -> Ctx:
+    from trainables.model import build_processor, image_tokens
 
-    root = Path(cfg.data) if cfg.data else zoo.world_dir()
     processor = build_processor(cfg)
-    image_tokens = METHODS[cfg.method].image_tokens
-    return Ctx(cfg, rank, world, device, processor, root, log, name,
-               image_tokens(processor, cfg) if image_tokens else None)
+    return Ctx(cfg, rank, world, device, processor, data, Path(storage), log, name, image_tokens(cfg, processor))
 
 
 def deepspeed_config(cfg: TrialConfig, world: int) -> dict:
@@ -93,9 +102,9 @@ def warmup_cosine(steps: int, warmup_ratio: float):
     return factor
 
 
-def train(ctx: Ctx, model, groups: list[dict], data: D.Encoded, steps: int, stage: str,
+def train(ctx: Ctx, model, groups: list[dict], dataset, steps: int, stage: str,
           saver=None, resume: Path | None = None) -> tuple[object, float, float]:
-    """Train `steps` DeepSpeed steps on `data`; returns (engine, seconds, last mean loss).
+    """Train `steps` DeepSpeed steps on `dataset`; returns (engine, seconds, last mean loss).
 
     `saver` (a checkpoint.Saver) checkpoints along the way; with `resume` (a checkpoint
     directory of this trial) the fresh engine is restored from it and training goes on
@@ -103,8 +112,9 @@ def train(ctx: Ctx, model, groups: list[dict], data: D.Encoded, steps: int, stag
     """
     import deepspeed
 
-    from trainables import checkpoint
+    from trainables import checkpoint, ds_ops
 
+    ds_ops.prepare()  # before DeepSpeed's first initialize in this process: no JIT op, no lock to wait on
     cfg = ctx.cfg
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps, cfg.warmup_ratio))
@@ -115,13 +125,14 @@ def train(ctx: Ctx, model, groups: list[dict], data: D.Encoded, steps: int, stag
     if resume is not None:
         done = checkpoint.restore(resume, engine, cfg, ctx.rank, ctx.world)
         ctx.say(f"{stage}: resumed from the checkpoint at step {done.step}/{steps} ({resume.name})")
-    pad = ctx.processor.tokenizer.pad_token_id
     dtype = torch.bfloat16 if cfg.use_gpu else torch.float32
     window = max(1, steps // 10)  # steps per progress line, and the losses final_train_loss averages
     losses, t0 = done.losses, time.perf_counter() - done.seconds
-    order = D.batches(len(data.ids), cfg.batch_size, ctx.rank, ctx.world, cfg.seed, steps)
-    for step, idx in enumerate(itertools.islice(order, done.step, None), start=done.step):
-        batch = {k: v.to(ctx.device) for k, v in D.collate(data, idx, pad).items()}
+    batches = train_loader(dataset, cfg.batch_size, ctx.rank, ctx.world, cfg.seed, steps, ctx.collate(),
+                           cfg.loader_workers, start=done.step)
+    for step, batch in enumerate(batches, start=done.step):
+        batch.pop("index")
+        batch = {k: v.to(ctx.device) for k, v in batch.items()}
         if "pixel_values" in batch:
             batch["pixel_values"] = batch["pixel_values"].to(dtype)
         loss = engine(**batch).loss
@@ -149,9 +160,11 @@ def train(ctx: Ctx, model, groups: list[dict], data: D.Encoded, steps: int, stag
     return engine, seconds, sum(tail) / len(tail)
 
 
-def stage1_steps(cfg: TrialConfig) -> int:
-    """Single-stage methods (MMA) start from the assembled model: stage 1 with no steps."""
-    return cfg.stage1_steps if METHODS[cfg.method].two_stage else 0
+def stage1_steps(ctx: Ctx) -> int:
+    """Stage-1 steps this trial computes: none for single-stage methods (MMA starts from the assembled
+    model) or when the study has no caption pairs (the study then plans stage1_steps 0 and says so)."""
+    cfg = ctx.cfg
+    return cfg.stage1_steps if METHODS[cfg.method].two_stage and ctx.data.stage1 else 0
 
 
 def stage1_key(ctx: Ctx) -> str:
@@ -159,15 +172,23 @@ def stage1_key(ctx: Ctx) -> str:
     import hashlib
 
     import zoo
+    from trainables.data.shards import tokenizer_key
     from trainables.model import llm_id, vision_id
 
     cfg = ctx.cfg
-    captions = ctx.root / "captions.json"
-    digest = hashlib.sha256(captions.read_bytes()).hexdigest()[:16] if captions.exists() else "none"
+    captions = ctx.data.split(tokenizer_key(ctx.tokenizer), "captions")
+    data = [captions.shard, len(captions.dropped), hash_of(captions.dropped)] if captions else "none"
     key = dict(llm=llm_id(cfg.model_size), vision=vision_id(cfg), image_size=cfg.image_size,
-               steps=stage1_steps(cfg), lr=cfg.stage1_lr, batch=cfg.batch_size, seed=cfg.seed,
-               captions=digest, bf16=cfg.use_gpu, zoo=zoo.ZOO_VERSION)
+               steps=stage1_steps(ctx), lr=cfg.stage1_lr, batch=cfg.batch_size, seed=cfg.seed,
+               captions=data, bf16=cfg.use_gpu, zoo=zoo.ZOO_VERSION, max_length=cfg.max_length,
+               image_tokens=ctx.image_tokens, aspect=cfg.image_aspect)
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def hash_of(values) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(list(values)).encode()).hexdigest()[:16]
 
 
 def stage1(ctx: Ctx) -> tuple[Path, dict]:
@@ -177,11 +198,11 @@ def stage1(ctx: Ctx) -> tuple[Path, dict]:
     concurrent trial with the same key waits and then reuses it; the checkpoint is
     built in a temporary directory from the start and renamed into place whole.
     """
-    from zoo import cache
     from trainables.model import build_llava, gathered_state
+    from zoo import cache
 
     cfg = ctx.cfg
-    target = Path(cfg.storage or tempfile.gettempdir()) / "stage1" / stage1_key(ctx)
+    target = ctx.storage / "stage1" / stage1_key(ctx)
     waiting = lambda: ctx.say(f"stage 1: another trial is computing {target.name}; waiting to reuse it")  # noqa
     with cache.locked(target, waiting) if ctx.rank == 0 else contextlib.nullcontext():
         flag = [target.exists()]
@@ -189,16 +210,15 @@ def stage1(ctx: Ctx) -> tuple[Path, dict]:
             dist.broadcast_object_list(flag, src=0)
         if not flag[0]:
             with cache.building(target) if ctx.rank == 0 else contextlib.nullcontext() as tmp:
-                steps = stage1_steps(cfg)
+                steps = stage1_steps(ctx)
                 ctx.say(f"stage 1: aligning the projector ({steps} steps), cached as {target.name}")
                 model = build_llava(cfg, ctx.processor)
                 model, counts = apply_stage(model, STAGE1)
                 seconds, loss, state = 0.0, float("nan"), model.state_dict()
                 if steps:
-                    captions = ctx.encode("captions.json")
                     params = [p for p in model.parameters() if p.requires_grad]
-                    engine, seconds, loss = train(ctx, model, [{"params": params, "lr": cfg.stage1_lr}], captions,
-                                                  steps, "stage1")
+                    engine, seconds, loss = train(ctx, model, [{"params": params, "lr": cfg.stage1_lr}],
+                                                  ctx.dataset("captions"), steps, "stage1")
                     state = gathered_state(engine, cfg.zero_stage, ctx.rank)
                     del engine
                 if ctx.rank == 0:
@@ -223,24 +243,36 @@ def param_groups(model, cfg: TrialConfig) -> list[dict]:
     return [g for g in ({"params": rest, "lr": cfg.lr}, {"params": proj, "lr": cfg.projector_lr}) if g["params"]]
 
 
+def mixed(ctx: Ctx):
+    """Stage 2's data: the instruction split with a fraction `mix_ratio` of language-only samples (the
+    paper's data mixing), drawn seeded from text.json; returns (dataset, the mix as used). The study
+    refuses mix_ratio > 0 without text.json and says when text.json is too small for it."""
+    import numpy as np
+
+    cfg = ctx.cfg
+    train, text = ctx.dataset("train"), ctx.dataset("text")
+    if cfg.mix_ratio <= 0 or text is None:
+        return train, 0.0
+    n_text = min(len(text), round(len(train) * cfg.mix_ratio / (1 - cfg.mix_ratio)))
+    keep = np.sort(np.random.default_rng(cfg.seed).choice(len(text), n_text, replace=False))
+    return torch.utils.data.ConcatDataset([train, torch.utils.data.Subset(text, keep.tolist())]), \
+        n_text / (len(train) + n_text)
+
+
 def stage2(ctx: Ctx, base: Path, saver=None, resume: Path | None = None):
     """Visual instruction tuning of the stage-1 model with the trial's method (checkpointed by `saver`,
-    continued from the checkpoint `resume`: see `train`)."""
+    continued from the checkpoint `resume`: see `train`); returns (engine, counts, seconds, loss, mix used)."""
     cfg = ctx.cfg
     method = METHODS[cfg.method]
     model = method.load(base, cfg)
     model, counts = apply_stage(model, method.stage2, cfg, method.wrap)
-    images, text = ctx.encode("train.json"), ctx.encode("text.json")
-    train_data = D.mixed(images, text, cfg.mix_ratio, cfg.seed)
-    skipped = images.too_long + text.too_long
-    if len(skipped) > 0.01 * max(1, len(images.ids) + len(text.ids)):
-        raise ValueError(f"{len(skipped)} samples have no answer tokens within max_length={cfg.max_length}, "
-                         f"e.g. {skipped[:3]}")
-    ctx.say(f"stage 2: {cfg.method} on {len(train_data.ids)} samples, {sum(counts.values()):,} trainable params")
-    engine, seconds, loss = train(ctx, model, param_groups(model, cfg), train_data, cfg.stage2_steps, "stage2",
+    data, mix = mixed(ctx)
+    ctx.say(f"stage 2: {cfg.method} on {len(data):,} samples ({mix:.0%} language-only), "
+            f"{sum(counts.values()):,} trainable params")
+    engine, seconds, loss = train(ctx, model, param_groups(model, cfg), data, cfg.stage2_steps, "stage2",
                                   saver, resume)
     check_stage(engine.module, method.stage2)
-    return engine, counts, seconds, loss, len(skipped)
+    return engine, counts, seconds, loss, mix
 
 
 def peak_memory_gb(device) -> tuple[float, str]:
@@ -258,13 +290,13 @@ def evaluate(ctx: Ctx, engine) -> dict[str, float]:
     whether tuning kept the LLM's text skill (the paper's data-mixing question)."""
     cfg = ctx.cfg
     result = {}
-    for metric, split in (("score", "eval.json"), ("text_score", "text_eval.json")):
-        held_out = ctx.encode(split, for_generation=True, limit=cfg.eval_samples)
-        if not held_out.ids and metric != "score":
+    for metric, split in (("score", "eval"), ("text_score", "text_eval")):
+        held_out = ctx.dataset(split, limit=cfg.eval_samples)
+        if held_out is None:
             continue
-        found = score_details(engine.module, held_out, ctx.processor.tokenizer, cfg.max_new_tokens, ctx.device,
-                              ctx.rank, ctx.world, synced=cfg.zero_stage == 3,
-                              questions=question_texts(D.read_records(ctx.root, split)))
+        found = score_details(engine.module, held_out, ctx.collate(left=True), ctx.tokenizer, cfg.max_new_tokens,
+                              ctx.device, ctx.rank, ctx.world, synced=cfg.zero_stage == 3,
+                              batch_size=cfg.eval_batch_size, workers=cfg.loader_workers)
         result[metric] = found.score
         if metric == "score":
             result.update(multiple_choice=found.multiple_choice, unparsed=found.unparsed)
@@ -286,16 +318,17 @@ def cost(cfg: TrialConfig, seconds: float, world: int) -> dict[str, float]:
     return {"gpu_hours": hours, "dollars": hours * cfg.price_per_node_hour}
 
 
-def run(cfg: TrialConfig, rank: int, world: int, device, log=None, name: str = "trial", saver=None,
-        resume: Path | None = None) -> dict:
+def run(cfg: TrialConfig, rank: int, world: int, device, data: DataPlan, storage: Path, log=None,
+        name: str = "trial", saver=None, resume: Path | None = None, tags: dict | None = None) -> dict:
     """The whole trial on one rank; returns the final metrics (identical on every rank).
 
-    `saver` checkpoints stage 2; `resume` is the checkpoint a restarted worker goes on from
-    (stage 1 then comes from its cache)."""
+    `data` is the study's checked data, `storage` its storage (stage-1 cache); `saver`
+    checkpoints stage 2; `resume` is the checkpoint a restarted worker goes on from
+    (stage 1 then comes from its cache); `tags` go on the trial's run beside its own."""
     torch.manual_seed(cfg.seed)
-    ctx = setup(cfg, rank, world, device, log, name)
+    ctx = setup(cfg, rank, world, device, data, storage, log, name)
     base, s1 = stage1(ctx)
-    engine, counts, seconds, loss, skipped = stage2(ctx, base, saver, resume)
+    engine, counts, seconds, loss, mix = stage2(ctx, base, saver, resume)
     result = evaluate(ctx, engine)
     peak, source = peak_memory_gb(device)
     peak_t = torch.tensor([peak], dtype=torch.float64)
@@ -311,6 +344,7 @@ def run(cfg: TrialConfig, rank: int, world: int, device, log=None, name: str = "
         "peak_mem_gb": float(peak_t.item()),  # what it measures is the tag peak_mem_source
         "samples_per_s": cfg.batch_size * cfg.stage2_steps / seconds,
         "final_train_loss": loss,
+        "mix_ratio_used": mix,
     })
     with tempfile.TemporaryDirectory() as tmp:
         artifact = Path(tmp) / METHODS[cfg.method].artifact
@@ -320,12 +354,24 @@ def run(cfg: TrialConfig, rank: int, world: int, device, log=None, name: str = "
         if log is not None:
             log.artifacts(artifact, artifact.name)
             log.finish(result, tags={"device": device_name(device), "peak_mem_source": source,
-                                     "stage1_checkpoint": str(base), "world_size": world})
+                                     "stage1_checkpoint": str(base), "world_size": world, **(tags or {})})
     return result
 
 
 def device_name(device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def node_ids(world: int) -> list[str]:
+    """The Ray node of every rank, in rank order (the trial's run says where its workers ran)."""
+    import ray
+
+    mine = ray.get_runtime_context().get_node_id()
+    if world == 1:
+        return [mine]
+    every = [None] * world
+    dist.all_gather_object(every, mine)
+    return every
 
 
 def train_loop(loop_config: dict) -> None:
@@ -346,6 +392,7 @@ def train_loop(loop_config: dict) -> None:
         if rank == 0 else None
     saver = checkpoint.Saver(cfg.checkpoint_every, cfg, rank, world)
     with checkpoint.no_repeats(Path(loop_config["run_dir"])), checkpoint.latest() as resume:
-        result = run(cfg, rank, world, ray.train.torch.get_device(), log, name=loop_config["trial_id"],
-                     saver=saver, resume=resume)
+        result = run(cfg, rank, world, ray.train.torch.get_device(), loop_config["data"],
+                     Path(loop_config["storage"]), log, name=loop_config["trial_id"], saver=saver, resume=resume,
+                     tags={"nodes": ",".join(node_ids(world))})
     ray.train.report(result)  # the last report, the only one with `score` (and without a checkpoint)
