@@ -56,8 +56,33 @@ def timed_check(root: Path, processes: int, storage: Path | None) -> tuple[float
     return seconds, len(list((root / "images").iterdir()))
 
 
-def train_once(root: str, steps: int, storage: str, shapes: bool, in_memory: bool, batch: int) -> dict:
-    """In this process: `steps` stage-2 LoRA steps as a trial's worker runs them; peak RSS and samples/s."""
+def plan_file(root: Path, storage: Path, shapes: bool, batch: int) -> Path:
+    """The study's side: the check (shards written) in this process, its DataPlan saved as JSON for the worker,
+    which, as in a study, never reads the dataset's JSON."""
+    from dataclasses import asdict
+
+    from trainables.config import TrialConfig
+    from trainables.prepare import prepare
+
+    cfg = TrialConfig(**(SHAPES if shapes else {"model_size": "1m"}), batch_size=batch)
+    report, data = prepare(root, [cfg], storage, progress=False)
+    assert data is not None, report.first_error_line()
+    out = storage / "plan.json"
+    out.write_text(json.dumps(asdict(data)))
+    return out
+
+
+def load_plan(path: str):
+    from trainables.data.check import DataPlan, Split
+
+    raw = json.loads(Path(path).read_text())
+    splits = {key: {name: Split(**{**s, "dropped": tuple(s["dropped"])}) for name, s in by.items()}
+              for key, by in raw["splits"].items()}
+    return DataPlan(raw["root"], splits, raw["holdout"], raw["stage1"])
+
+
+def train_once(plan: str, steps: int, storage: str, shapes: bool, in_memory: bool, batch: int) -> dict:
+    """In this process, a worker: `steps` stage-2 LoRA steps as a trial's worker runs them; peak RSS and samples/s."""
     import socket
 
     import torch
@@ -66,7 +91,6 @@ def train_once(root: str, steps: int, storage: str, shapes: bool, in_memory: boo
     from trainables import worker
     from trainables.config import TrialConfig
     from trainables.methods import METHODS, apply_stage
-    from trainables.prepare import prepare
 
     torch.set_num_threads(1)
     with socket.socket() as s:
@@ -76,8 +100,7 @@ def train_once(root: str, steps: int, storage: str, shapes: bool, in_memory: boo
     dist.init_process_group("gloo", rank=0, world_size=1)
     cfg = TrialConfig(**(SHAPES if shapes else {"model_size": "1m"}), batch_size=batch, stage1_steps=0,
                       stage2_steps=steps, loader_workers=1, checkpoint_every=0)
-    _, data = prepare(Path(root), [cfg], Path(storage), progress=False)
-    ctx = worker.setup(cfg, 0, 1, torch.device("cpu"), data, Path(storage))
+    ctx = worker.setup(cfg, 0, 1, torch.device("cpu"), load_plan(plan), Path(storage))
     base, _ = worker.stage1(ctx)
     m = METHODS["lora"]
     model, _ = apply_stage(m.load(base, cfg), m.stage2, cfg, m.wrap)
@@ -95,7 +118,8 @@ def train_once(root: str, steps: int, storage: str, shapes: bool, in_memory: boo
 
 
 def train(root: Path, steps: int, storage: Path, shapes: bool, in_memory: bool = False, batch: int = 8) -> dict:
-    cmd = [sys.executable, "-m", "bench.data_scale", "--one", str(root), "--steps", str(steps), "--storage",
+    plan = plan_file(root, storage, shapes, batch)
+    cmd = [sys.executable, "-m", "bench.data_scale", "--one", str(plan), "--steps", str(steps), "--storage",
            str(storage), "--batch", str(batch)] + (["--shapes"] if shapes else []) + (["--in-memory"] if in_memory else [])
     r = subprocess.run(cmd, capture_output=True, text=True)
     lines = [line for line in r.stdout.splitlines() if line.startswith("RESULT ")]
@@ -110,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--work", default="/tmp/mmscale-data-scale", help="where datasets and shards go (reused)")
     p.add_argument("--repeats", type=int, default=2, help="alternating runs of the world's A/B")
-    p.add_argument("--one", help=argparse.SUPPRESS)  # the child: one training run on this dataset
+    p.add_argument("--one", help=argparse.SUPPRESS)  # the child: one training run, given the study's DataPlan
     p.add_argument("--storage", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=8, help=argparse.SUPPRESS)
     p.add_argument("--shapes", action="store_true", help=argparse.SUPPRESS)
@@ -127,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     rows = []
+    timed_check(generate(work, min(args.sizes)), 2, None)  # imports and the tokenizer's first load: not timed
     for n in args.sizes:
         root = generate(work, n)
         one, images = timed_check(root, 1, None)

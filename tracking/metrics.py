@@ -48,6 +48,11 @@ _SPECS = [
                "{:.2e}"),
     MetricSpec("dollars", "$", MIN, "trial", "gpu_hours x price per node-hour (default $13.63)", "cost ($)",
                "{:.4f}"),
+    MetricSpec("forecast_gpu_hours", "GPU-hours per node", MIN, "trial", "the cost forecast before the trial ran "
+               "(training FLOPs / the device's sustained FLOP/s; study.forecast), beside the measured gpu_hours",
+               "forecast GPU-hours per node", "{:.2e}"),
+    MetricSpec("forecast_dollars", "$", MIN, "trial", "forecast_gpu_hours x price per node-hour", "forecast cost ($)",
+               "{:.4f}"),
     MetricSpec("stage1_gpu_hours", "GPU-hours per node", MIN, "stage1", "stage 1's share of gpu_hours",
                "stage-1 GPU-hours per node", "{:.2e}"),
     MetricSpec("stage2_gpu_hours", "GPU-hours per node", MIN, "stage2", "stage 2's share of gpu_hours",
@@ -70,6 +75,9 @@ _SPECS = [
                "{:.2f}"),
     MetricSpec("train_loss", "nats per token", MIN, "stage2", "stage-2 loss at each step (rank-averaged)",
                "training loss", "{:.3f}", per_step=True),
+    MetricSpec("interim_score", "0-100", MAX, "eval", "accuracy on a small fixed eval subset every "
+               "`interim_every` stage-2 steps (what an early-stopping scheduler judges trials by)",
+               "interim score (0-100)", "{:.1f}", per_step=True),
     MetricSpec("stage1_loss", "nats per token", MIN, "stage1", "stage-1 loss at each step, when the trial "
                "computed stage 1 (not when it came from the cache)", "stage-1 loss", "{:.3f}", per_step=True),
     MetricSpec("skipped_records", "records", NEITHER, "study", "records --skip-invalid dropped (the study's run; "

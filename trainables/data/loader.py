@@ -139,9 +139,37 @@ class StepBatches(torch.utils.data.Sampler):
         return max(0, self.steps - self.start)
 
 
+class _AsNumpy:
+    """A loader process's collate that hands batches over as numpy arrays, turned back into tensors by
+    `_Tensors` in the training process. Pickled by value, a batch of small arrays crosses the process
+    boundary faster than torch's default (a shared-memory segment and a file descriptor per tensor):
+    1.5 against 3.9 ms per batch of 32 on the world (bench.data_scale), on a ~150 ms step."""
+
+    def __init__(self, collate: Collate):
+        self.collate = collate
+
+    def __call__(self, items: list[dict]) -> dict:
+        return {k: v.numpy() for k, v in self.collate(items).items()}
+
+
+class _Tensors:
+    """Iterate a DataLoader whose batches are numpy arrays (see `_AsNumpy`) as batches of tensors."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __iter__(self):
+        for batch in self.loader:
+            yield {k: torch.from_numpy(v) for k, v in batch.items()}
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
 def _loader(dataset, batch_sampler, collate: Collate, workers: int):
-    return torch.utils.data.DataLoader(
-        dataset, batch_sampler=batch_sampler, collate_fn=collate, num_workers=workers,
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=batch_sampler, collate_fn=_AsNumpy(collate) if workers else collate,
+        num_workers=workers,
         prefetch_factor=2 if workers else None, persistent_workers=False,
         # Its own generator: an iterator otherwise draws its workers' base seed from the global RNG, so a
         # loader made after a resume would shift every later dropout mask (stage 2 must resume exactly).
@@ -149,6 +177,7 @@ def _loader(dataset, batch_sampler, collate: Collate, workers: int):
         # fork: workers start in milliseconds and share the parent's pages (the shard's mapping, the model's
         # code); loader processes never touch torch.distributed or DeepSpeed, which fork would not carry.
         multiprocessing_context="fork" if workers else None)
+    return _Tensors(loader) if workers else loader
 
 
 def train_loader(dataset, batch_size: int, rank: int, world: int, seed: int, steps: int, collate: Collate,
