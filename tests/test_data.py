@@ -107,3 +107,52 @@ def test_a_worker_reads_the_shard_without_loading_it(processor, zoo_ready, tmp_p
     assert torch.equal(item["input_ids"], torch.from_numpy(tokenize(records[7], processor.tokenizer)
                                                          .input_ids.astype(np.int64)))
     assert pa.total_allocated_bytes() < 1000, "reading a row allocated Arrow memory: the shard was copied"
+
+
+LOADER_CHILD = """
+import os, sys, time, torch
+from trainables.data.loader import train_loader
+
+class Big(torch.utils.data.Dataset):  # 1 MB per item: a full pipe, as real image batches fill it
+    def __len__(self): return 64
+    def __getitem__(self, i): return torch.full((256 * 1024,), float(i))
+
+def collate(items): return {"x": torch.stack(items)}
+
+it = iter(train_loader(Big(), 4, 0, 1, 0, 16, collate, workers=2))
+next(it)
+time.sleep(1)  # the loader processes fill the pipe with prefetched batches
+print(" ".join(str(c.pid) for c in __import__("psutil").Process().children()), flush=True)
+time.sleep(600)
+"""
+
+
+def test_loader_processes_die_with_a_killed_training_process(tmp_path):
+    """A training process killed with SIGKILL (Ray kills workers that way) leaves no loader process: an orphan
+    would hold the Ray worker's sockets, so Ray would never see the worker die and never restart it."""
+    import contextlib
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    child = subprocess.Popen([sys.executable, "-c", LOADER_CHILD], stdout=subprocess.PIPE, text=True)
+    pids = []
+    try:
+        pids = [int(p) for p in child.stdout.readline().split()]
+        assert len(pids) == 2, pids
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+        deadline = time.monotonic() + 3  # torch's own watchdog would look after 5 s, and then hang on exit
+        while (alive := [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]) \
+                and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not alive, "loader processes outlived their training process"
+    finally:
+        child.kill()
+        for p in pids:  # orphans are no longer this process's children
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGKILL)

@@ -17,7 +17,11 @@ step k gets exactly the batches an uninterrupted run would have seen there.
 
 from __future__ import annotations
 
+import ctypes
 import math
+import os
+import signal
+import sys
 
 import numpy as np
 import torch
@@ -166,6 +170,28 @@ class _Tensors:
         return len(self.loader)
 
 
+class _DieWithParent:
+    """A loader process's `worker_init_fn`: on Linux the kernel kills it (SIGKILL) when the thread that
+    forked it ends, so a training process that dies (SIGKILL, OOM) takes its loader processes with it.
+
+    Without this, a forked loader process outlives its killed parent: torch's watchdog ends its loop, but
+    its exit then waits forever on a queue feeder writing to a pipe that nobody reads, and, forked from a
+    Ray worker, it holds that worker's Ray sockets open, so Ray never learns the worker died and Ray
+    Train never restarts the trial's worker group (the trial hangs). Written by hand: neither torch nor
+    Ray sets a parent-death signal on DataLoader processes. Elsewhere (macOS) nothing is set."""
+
+    def __init__(self):
+        self.parent = os.getpid()
+
+    def __call__(self, worker_id: int) -> None:
+        if not sys.platform.startswith("linux"):
+            return
+        PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != self.parent:  # the parent died before the signal was set
+            os._exit(0)
+
+
 def _loader(dataset, batch_sampler, collate: Collate, workers: int):
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=batch_sampler, collate_fn=_AsNumpy(collate) if workers else collate,
@@ -176,7 +202,8 @@ def _loader(dataset, batch_sampler, collate: Collate, workers: int):
         generator=torch.Generator().manual_seed(0),
         # fork: workers start in milliseconds and share the parent's pages (the shard's mapping, the model's
         # code); loader processes never touch torch.distributed or DeepSpeed, which fork would not carry.
-        multiprocessing_context="fork" if workers else None)
+        multiprocessing_context="fork" if workers else None,
+        worker_init_fn=_DieWithParent() if workers else None)
     return _Tensors(loader) if workers else loader
 
 
