@@ -2,8 +2,9 @@
 
     runs      load_trials / load_studies: trial runs of any tracking URI as a DataFrame
     pareto    frontier(): score vs one cost, or several objectives; ties, duplicates, exclusions
-    tables    by_size_method (Table 4 style), factor_effects (Table 3 style); text, Markdown, CSV
-    plots     frontier_plot, rank_plot, lr_plot, stage_cost_plot (matplotlib, Agg)
+    tables    by_size_method (Table 4 style), factor_effects (Table 3 style), forecast_vs_measured;
+              text, Markdown, CSV, and show() for notebooks (formatted as the command line prints)
+    plots     frontier_plot (optional dollars axis), rank_plot, lr_plot, stage_cost_plot (matplotlib, Agg)
     frontier  the CLI `python -m analysis.frontier` and log_study_frontier() for a study's end
 Notebooks beside them (frontier.ipynb, compare.ipynb) only call these.
 """

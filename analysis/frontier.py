@@ -1,15 +1,19 @@
 """A study's cost-performance frontier: the table on the terminal, frontier.csv, frontier.png, table.md.
 
     python -m analysis.frontier --experiment lora [--tracking-uri URI] [--x gpu_hours] [--y score]
-        [--out DIR] [--price PER_NODE_HOUR]
+        [--out DIR] [--force] [--price PER_NODE_HOUR] [--dollars-axis] [--include-stopped]
 
 `--x` is any cost to minimise (gpu_hours, dollars, trainable_params, peak_mem_gb,
 artifact_mb), `--y` the score to maximise. `--price` recomputes `dollars` from
-`gpu_hours` at another price per node-hour. DIR (default: the working directory)
-receives frontier.csv (one row per trial: run_id, params, metrics, `on_frontier`,
-and `excluded`: why a trial took no part), frontier.png and table.md.
+`gpu_hours` at another price per node-hour; `--dollars-axis` adds a dollars axis on top
+of a GPU-hours plot (at `--price`, else the trials' own price). `--include-stopped` lets
+trials an early-stopping scheduler stopped take part (left out and counted by default).
+DIR (default: `frontier/<experiment>/` under the working directory) receives
+frontier.csv (one row per trial: run_id, params, metrics, `on_frontier`, and
+`excluded`: why a trial took no part), frontier.png and table.md. Files there that this
+command did not write (or that changed since it did) are never replaced unless `--force`.
 Exit 0 on success, 2 on bad input (one `error:` line naming the experiment / column /
-flag), 1 otherwise.
+flag / file), 1 otherwise.
 
 A study calls `log_study_frontier(tracking_uri, experiment, parent_run_id, out_dir)` at
 its end: the same files for that study's trials, logged under `frontier/` in its parent run.
@@ -18,6 +22,9 @@ its end: the same files for that study's trials, logged under `frontier/` in its
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import re
 import sys
 from pathlib import Path
 
@@ -25,8 +32,14 @@ import pandas as pd
 
 from analysis import plots, tables
 from analysis.pareto import Frontier, frontier, require_columns
-from analysis.runs import RUN_COLUMNS, TABLE_COLUMNS, AnalysisError, formatted, load_trials
+from analysis.runs import (RUN_COLUMNS, STOPPED_TAG, TABLE_COLUMNS, VARYING_COLUMNS, AnalysisError, formatted,
+                           load_trials, scores_of)
 from trainables.config import TrialConfig
+
+OUTPUTS = ("frontier.csv", "frontier.png", "table.md")
+# What this module wrote in a folder, with each file's SHA-256 then: a file is replaced only if it is still
+# what we wrote (an edited table.md is the user's now).
+WRITTEN = ".analysis-frontier.json"
 
 
 def reprice(trials: pd.DataFrame, price_per_node_hour: float) -> pd.DataFrame:
@@ -44,11 +57,20 @@ def csv_columns(df: pd.DataFrame) -> list[str]:
 
 
 def frontier_table(front: Frontier) -> pd.DataFrame:
-    """The frontier's trials, cheapest first, with the study table's columns and every objective."""
+    """The frontier's trials, cheapest first: the trial's name, the study table's columns (the axes the
+    study varied, `text_score` and a score's interval where logged), every objective, the step an
+    early-stopped trial reached (when such trials take part) and the run id."""
     on = front.frontier
     cols = [c for c in TABLE_COLUMNS if c in on]
-    cols += [c for c in front.objectives if c not in cols] + ["run_id"]
-    return tables.tidy(on)[cols].reset_index(drop=True)
+    varying = [c for c in VARYING_COLUMNS if c in front.trials and front.trials[c].nunique(dropna=True) > 1]
+    cols = cols[:2] + varying + cols[2:]
+    at = cols.index("score") + 1 if "score" in cols else len(cols)
+    cols[at:at] = [c for c in scores_of(on) if c not in cols]
+    cols += [c for c in front.objectives if c not in cols]
+    if STOPPED_TAG in on and on[STOPPED_TAG].notna().any():
+        cols.append(STOPPED_TAG)
+    first = ["run_name"] if "run_name" in on and on["run_name"].notna().any() else []
+    return tables.tidy(on)[first + cols + ["run_id"]].reset_index(drop=True)
 
 
 def report_markdown(front: Frontier, title: str) -> str:
@@ -57,31 +79,77 @@ def report_markdown(front: Frontier, title: str) -> str:
                 "## Score and cost by model size x method x LoRA rank\n",
                 "Costs are means over each row's trials.\n", tables.to_markdown(tables.by_size_method(front.trials)),
                 "## Effect of each factor\n", tables.to_markdown(tables.factor_effects(front.trials))]
+    forecast = tables.forecast_vs_measured(front.trials)
+    if not forecast.empty:
+        sections += ["## Forecast vs measured cost per trial\n",
+                     "The cost forecast before each trial ran (training FLOPs / the device's sustained FLOP/s) "
+                     "against what it measured; ratio = measured / forecast.\n", tables.to_markdown(forecast)]
     return "\n".join(sections)
 
 
+def default_out(experiment: str) -> Path:
+    """`frontier/<experiment>/` under the working directory: a folder of its own per experiment."""
+    return Path("frontier") / (re.sub(r"[^\w.-]+", "_", experiment).strip("._") or "experiment")
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _written(out: Path) -> dict[str, str]:
+    try:
+        recorded = json.loads((out / WRITTEN).read_text())
+    except (OSError, ValueError):
+        return {}
+    return recorded if isinstance(recorded, dict) else {}
+
+
+def check_out(out_dir: str | Path, force: bool = False) -> Path:
+    """The report's folder, checked before anything is computed or written: not a file, and none of
+    frontier.csv / frontier.png / table.md there unless this module wrote it and it has not changed
+    since (`force` replaces them all the same). Raises AnalysisError naming the file."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise AnalysisError(f"--out {out}: is a file; give a folder (created if absent)")
+    if force or not out.exists():
+        return out
+    ours = _written(out)
+    for name in OUTPUTS:
+        path = out / name
+        if path.exists() and ours.get(name) != _digest(path):
+            raise AnalysisError(f"--out {out}: {name} is there and was not written by analysis.frontier (or changed "
+                                "since); pass --force to replace it, or choose another --out")
+    return out
+
+
 def write_report(trials: pd.DataFrame, out_dir: str | Path, x: str = "gpu_hours", y: str = "score",
-                 title: str | None = None) -> Frontier:
+                 title: str | None = None, *, include_stopped: bool = False, price: float | None = None,
+                 force: bool = False) -> Frontier:
     """frontier.csv, frontier.png and table.md for these trials in out_dir; the Frontier they show.
 
-    Raises AnalysisError for an unknown column or when no trial finished with both metrics.
+    `price` (dollars per node-hour) adds a dollars axis to a GPU-hours plot; `include_stopped` see
+    analysis.pareto.frontier. Files in out_dir that this module did not write are not replaced unless
+    `force` (check_out). Raises AnalysisError for an unknown column, a file in the way, or when no trial
+    finished with both metrics.
     """
-    front = frontier(trials, y=y, x=x)
-    out = Path(out_dir)
+    out = check_out(out_dir, force)
+    front = frontier(trials, y=y, x=x, include_stopped=include_stopped)
     out.mkdir(parents=True, exist_ok=True)
     front.trials[csv_columns(front.trials)].to_csv(out / "frontier.csv", index=False)
     studies = sorted(trials["study"].dropna().unique()) if "study" in trials else []
     name = ", ".join(map(str, studies)) or "study"
-    fig = plots.frontier_plot(front, x=x, y=y, title=title or name)
+    fig = plots.frontier_plot(front, x=x, y=y, title=title or name, price=price)
     fig.savefig(out / "frontier.png", dpi=150)
     (out / "table.md").write_text(report_markdown(front, f"{title or name}: {y} vs {x}"))
+    (out / WRITTEN).write_text(json.dumps({n: _digest(out / n) for n in OUTPUTS}, indent=1))
     return front
 
 
 def log_study_frontier(tracking_uri: str | None, experiment: str, parent_run_id: str, out_dir: str | Path,
-                       *, x: str = "gpu_hours", y: str = "score") -> Path:
+                       *, x: str = "gpu_hours", y: str = "score") -> Frontier:
     """The frontier of one study's trials (the nested runs of `parent_run_id`), written to out_dir
-    and logged as the parent run's artifacts under `frontier/`; returns out_dir.
+    (with a dollars axis at the trials' price) and logged as the parent run's artifacts under
+    `frontier/`; returns the Frontier.
 
     Raises AnalysisError when the experiment is unknown or none of the study's trials finished.
     """
@@ -91,9 +159,11 @@ def log_study_frontier(tracking_uri: str | None, experiment: str, parent_run_id:
 
     trials = load_trials(tracking_uri, experiment, parent_run_id=parent_run_id)
     out = Path(out_dir)
-    write_report(trials, out, x=x, y=y)
-    MlflowClient(resolve_uri(tracking_uri)).log_artifacts(parent_run_id, str(out), "frontier")
-    return out
+    front = write_report(trials, out, x=x, y=y, price=plots.price_of(trials))
+    client = MlflowClient(resolve_uri(tracking_uri))
+    for name in OUTPUTS:  # not the record of what was written: it is about this folder, not the run
+        client.log_artifact(parent_run_id, str(out / name), "frontier")
+    return front
 
 
 class _BadInput(Exception):
@@ -111,8 +181,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else ./mlflow.db)")
     p.add_argument("--x", default="gpu_hours", help="cost to minimise (default gpu_hours)")
     p.add_argument("--y", default="score", help="score to maximise (default score)")
-    p.add_argument("--out", default=".", help="output directory (default: the working directory)")
+    p.add_argument("--out", help="output directory (default: frontier/<experiment>/ in the working directory)")
+    p.add_argument("--force", action="store_true",
+                   help="replace frontier.csv / frontier.png / table.md in --out even if this command did not write them")
     p.add_argument("--price", type=float, help="dollars per node-hour: recompute `dollars` from gpu_hours")
+    p.add_argument("--dollars-axis", action="store_true",
+                   help="a dollars axis on top of a gpu_hours plot (at --price, else the trials' price)")
+    p.add_argument("--include-stopped", action="store_true",
+                   help="let trials an early-stopping scheduler stopped take part (default: left out and counted)")
     args = p.parse_args(argv)
     if args.price is not None and not args.price >= 0:
         raise _BadInput(f"--price must be a non-negative number of dollars per node-hour, got {args.price}")
@@ -122,10 +198,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
+        out = check_out(args.out if args.out is not None else default_out(args.experiment), args.force)
         trials = load_trials(args.tracking_uri, args.experiment)
         if args.price is not None:
             trials = reprice(trials, args.price)
-        front = write_report(trials, args.out, x=args.x, y=args.y, title=args.experiment)
+        price = plots.price_of(trials) if args.dollars_axis else None
+        if args.dollars_axis and price is None:
+            raise _BadInput("--dollars-axis: the trials were costed at several prices per node-hour (or none); "
+                            "pass --price")
+        front = write_report(trials, out, x=args.x, y=args.y, title=args.experiment,
+                             include_stopped=args.include_stopped, price=price, force=args.force)
     except (_BadInput, AnalysisError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -136,7 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     print(tables.to_text(tables.by_size_method(front.trials)))
     print("\nEffect of each factor:")
     print(tables.to_text(tables.factor_effects(front.trials)))
-    out = Path(args.out)
+    forecast = tables.forecast_vs_measured(front.trials)
+    if not forecast.empty:
+        print("\nForecast vs measured cost per trial (ratio = measured / forecast):")
+        print(tables.to_text(forecast))
     print(f"\nwrote {out / 'frontier.csv'}, {out / 'frontier.png'}, {out / 'table.md'}")
     return 0
 

@@ -3,9 +3,10 @@
     from analysis.pareto import frontier
     front = frontier(trials, y="score", x="gpu_hours")            # score up, cost down
     front = frontier(trials, objectives=["score", "gpu_hours", "trainable_params"])
+    front = frontier(trials, include_stopped=True)                 # early-stopped trials take part too
     front.trials        # every trial, with `on_frontier` and `excluded` (why it was left out)
     front.frontier      # the frontier's trials, cheapest first
-    front.excluded      # {"failed": 2, "missing gpu_hours": 1, ...}
+    front.excluded      # {"failed": 2, "stopped early": 3, "missing gpu_hours": 1, ...}
 
 Definition. Trial A dominates trial B when A is at least as good as B on every
 objective and strictly better on at least one. The frontier is exactly the set of
@@ -18,9 +19,12 @@ trials that no other trial dominates. What follows from it, on purpose:
 - A single trial, or trials all equal, are all on the frontier.
 Only trials whose MLflow status is FINISHED and that have every objective (a number,
 not NaN) take part. The others keep their row with `on_frontier` False and the reason
-in `excluded` ("failed", "killed", "running", "missing gpu_hours"), counted in
-`Frontier.excluded`: a failed or still-running trial has a partial cost and would
-otherwise sit on the frontier looking cheap.
+in `excluded` ("failed", "killed", "running", "stopped early", "missing gpu_hours"),
+counted in `Frontier.excluded`: a failed, still-running or early-stopped trial has a
+partial cost and would otherwise sit on the frontier looking cheap. A trial that an
+early-stopping scheduler stopped (its run is KILLED with a `stopped_early` tag, the
+`stopped_early` column of analysis.runs) takes part only with `include_stopped=True`,
+with the metrics it logged before it was stopped.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from typing import Iterable, Mapping
 import numpy as np
 import pandas as pd
 
-from analysis.runs import AnalysisError
+from analysis.runs import STOPPED_TAG, AnalysisError
 from tracking import metrics
 from trainables.config import TrialConfig
 
@@ -108,9 +112,12 @@ def require_columns(df: pd.DataFrame, columns: Iterable[str]) -> None:
 
 
 def frontier(trials: pd.DataFrame, y: str = "score", x: str = "gpu_hours",
-             objectives: Iterable[str] | Mapping[str, str] | None = None) -> Frontier:
+             objectives: Iterable[str] | Mapping[str, str] | None = None, *,
+             include_stopped: bool = False) -> Frontier:
     """The Pareto frontier of `y` (maximised) against `x` (minimised), or of several `objectives`.
 
+    `include_stopped`: trials an early-stopping scheduler stopped take part (default: left out and
+    counted as "stopped early", since their score and cost are those of an unfinished run).
     Raises AnalysisError for an unknown column, or when no trial is finished with every objective.
     """
     if objectives is None and x == y:
@@ -119,12 +126,13 @@ def frontier(trials: pd.DataFrame, y: str = "score", x: str = "gpu_hours",
     if trials.empty:
         raise AnalysisError("no trials to compare")
     require_columns(trials, ["status"])
-    if not (trials["status"] == "FINISHED").any():  # then a metric never logged is no typo
+    stopped = _stopped(trials)
+    if not ((trials["status"] == "FINISHED") | (stopped & include_stopped)).any():  # a metric never logged is no typo
         counts = ", ".join(f"{n} {s.lower()}" for s, n in sorted(Counter(trials["status"]).items()))
         raise AnalysisError(f"no finished trials to compare ({counts})")
     require_columns(trials, goals)
     df = trials.copy()
-    df["excluded"] = _exclusions(df, list(goals))
+    df["excluded"] = _exclusions(df, list(goals), stopped, include_stopped)
     use = df["excluded"] == ""
     if not use.any():
         why = ", ".join(f"{n} {r}" for r, n in sorted(Counter(df["excluded"]).items()))
@@ -138,11 +146,22 @@ def frontier(trials: pd.DataFrame, y: str = "score", x: str = "gpu_hours",
     return Frontier(df, goals, excluded)
 
 
-def _exclusions(df: pd.DataFrame, goals: list[str]) -> pd.Series:
-    """Why each trial is left out ("" when it takes part): its status first, then a missing objective."""
+def _stopped(df: pd.DataFrame) -> pd.Series:
+    """True for the trials an early-stopping scheduler stopped (their run's `stopped_early` tag)."""
+    if STOPPED_TAG not in df:
+        return pd.Series(False, index=df.index)
+    return df[STOPPED_TAG].notna() & (df[STOPPED_TAG].astype(str) != "")
+
+
+def _exclusions(df: pd.DataFrame, goals: list[str], stopped: pd.Series, include_stopped: bool) -> pd.Series:
+    """Why each trial is left out ("" when it takes part): early stopping or its status first, then a
+    missing objective."""
     reasons = []
-    for _, row in df.iterrows():
-        if row["status"] != "FINISHED":
+    for index, row in df.iterrows():
+        if stopped[index] and not include_stopped:
+            reasons.append("stopped early")
+            continue
+        if row["status"] != "FINISHED" and not stopped[index]:
             reasons.append(str(row["status"]).lower())
             continue
         missing = [g for g in goals if not _is_number(row[g])]

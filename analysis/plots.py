@@ -2,7 +2,15 @@
 
     from analysis import plots
     fig = plots.frontier_plot(front)          # every trial; the frontier as a step line, labelled
+    fig = plots.frontier_plot(front, price=13.63)  # and a dollars axis on top (x = gpu_hours)
     fig.savefig("frontier.png", dpi=150)
+
+Axes read at any scale: plain tick labels with the decimals the ticks need (0.0002,
+0.00025 GPU-hours on a laptop; 1,200 on a cluster), never matplotlib's corner multiplier
+(a bare "1e-5" that the eye misses); a log scale where a cost spans decades (trainable
+parameters: 47k to 1.4M), with 10k / 1M / 7B labels; frontier labels placed where they
+overlap neither each other, the legend nor the axes' edge (left out, and counted in the
+title, where no place is free).
 
 No pyplot: figures carry no global state and never open a window, so the CLI, the
 tests and a study's driver can draw them anywhere. In a notebook, `%matplotlib inline`
@@ -17,10 +25,10 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+from matplotlib.ticker import Formatter, FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from analysis.pareto import Frontier
-from analysis.runs import AnalysisError
+from analysis.runs import STOPPED_TAG, AnalysisError
 from analysis.tables import finished, size_key
 from tracking.metrics import METRICS
 
@@ -68,17 +76,107 @@ def _decades(values: pd.Series) -> float:
     return math.log10(values.max() / values.min())
 
 
+# From 10k up, counts read with a suffix: 7B parameters, not 7,000,000,000. (threshold, scale, suffix)
+_SI = [(1e12, 1e12, "T"), (1e9, 1e9, "B"), (1e6, 1e6, "M"), (1e4, 1e3, "k")]
+
+
+def _decimals(values) -> int:
+    """The fewest decimals that write every value exactly (to a millionth of their spacing)."""
+    values = [float(v) for v in values if math.isfinite(v)]
+    gaps = [abs(b - a) for a, b in zip(values, values[1:]) if b != a]
+    tolerance = (min(gaps) if gaps else max(map(abs, values), default=1.0) or 1.0) * 1e-6
+    return next((d for d in range(16) if all(abs(round(v, d) - v) <= tolerance for v in values)), 16)
+
+
+def _unit(largest: float) -> tuple[float, str]:
+    return next(((scale, suffix) for threshold, scale, suffix in _SI if abs(largest) >= threshold), (1.0, ""))
+
+
+def _number(value: float, ticks) -> str:
+    """`value` as one of `ticks` reads: 1,200 / 0.00025 / 12.5k / 1.5M (one suffix and one number of
+    decimals for all the ticks, so that they line up)."""
+    ticks = [t for t in ticks if math.isfinite(t)] or [value]
+    scale, suffix = _unit(max(map(abs, ticks)))
+    if value == 0:
+        return "0"
+    return f"{value / scale:,.{_decimals([t / scale for t in ticks])}f}{suffix}"
+
+
+class PlainFormatter(Formatter):
+    """Tick labels as plain numbers with the decimals the ticks need: matplotlib's ScalarFormatter moves a
+    common factor into a corner label instead (a bare "1e-5" that reads as nothing), and LogFormatter
+    writes 10^-4 (hand-written: no formatter of matplotlib's does both scales)."""
+
+    locs: list = []
+
+    def set_locs(self, locs):
+        self.locs = list(locs)
+
+    def __call__(self, x, pos=None):
+        return _number(x, self.locs or [x])
+
+
+def _plain_axis(axis, ticks: int | None = None) -> None:
+    """Plain labels; at most `ticks` + 1 ticks at round steps (1, 2, 5: no 2.5, which costs a decimal) where
+    labels are wide: seven decimals of GPU-hours side by side would run into each other."""
+    if ticks is not None:
+        axis.set_major_locator(MaxNLocator(nbins=ticks, steps=[1, 2, 5, 10]))
+    axis.set_major_formatter(PlainFormatter())
+
+
 def _log_axis(axis, decades: float) -> None:
-    """Plain tick labels (0.0002, 0.0005, 0.001) on a log axis: the default 2x10^-4 minor labels collide."""
+    """Plain tick labels (0.0002, 0.0005, 0.001; 10k, 1M) on a log axis: the default 2x10^-4 minor labels collide."""
     axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0) if decades <= 3 else (1.0,)))
-    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 1 else f"{v:g}"))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: _number(v, [v])))  # decades apart: each its own
     axis.set_minor_formatter(NullFormatter())
 
 
-def frontier_plot(front: Frontier, x: str | None = None, y: str | None = None, title: str | None = None) -> Figure:
+def _scale_axis(ax, which: str, values: pd.Series) -> bool:
+    """Log scale where the positive values span LOG_DECADES or more, else linear; plain labels either way.
+    True when the axis went log."""
+    axis = ax.xaxis if which == "x" else ax.yaxis
+    decades = _decades(values)
+    if decades >= LOG_DECADES:
+        (ax.set_xscale if which == "x" else ax.set_yscale)("log")
+        _log_axis(axis, decades)
+        return True
+    _plain_axis(axis, ticks=5 if which == "x" else None)
+    return False
+
+
+def dollars_axis(ax, price_per_node_hour: float):
+    """A second x axis on top, in dollars at `price_per_node_hour` (the x axis must be GPU-hours per
+    node; trainables' cost convention: dollars = gpu_hours x price). Returns the secondary axis."""
+    price = float(price_per_node_hour)
+    top = ax.secondary_xaxis("top", functions=(lambda h: h * price, lambda d: d / price))
+    if ax.get_xscale() == "log":
+        _log_axis(top.xaxis, 1.0)
+    else:
+        _plain_axis(top.xaxis, ticks=5)
+    top.set_xlabel(f"cost (\\$, at \\${price:,.2f} per node-hour)")  # escaped: a dollar sign, not mathtext
+    return top
+
+
+def price_of(trials: pd.DataFrame) -> float | None:
+    """The one price per node-hour the trials were costed at (their `price_per_node_hour` param, else
+    dollars / gpu_hours), or None when they have none or several."""
+    if "price_per_node_hour" in trials and trials["price_per_node_hour"].notna().any():
+        prices = trials["price_per_node_hour"].dropna().astype(float).unique()
+    elif {"dollars", "gpu_hours"} <= set(trials.columns):
+        both = trials[(trials["gpu_hours"] > 0) & trials["dollars"].notna()]
+        prices = (both["dollars"] / both["gpu_hours"]).round(6).unique()
+    else:
+        return None
+    return float(prices[0]) if len(prices) == 1 else None
+
+
+def frontier_plot(front: Frontier, x: str | None = None, y: str | None = None, title: str | None = None,
+                  price: float | None = None) -> Figure:
     """Every considered trial (colour = method, marker = model size), frontier trials ringed and
     labelled, and for two objectives the frontier as a step: the best score reachable for a budget.
-    `title` (e.g. the study's name) goes before the counts in the figure's title."""
+    `title` (e.g. the study's name) goes before the counts in the figure's title. `price` (dollars per
+    node-hour) adds a dollars axis on top when x is `gpu_hours` (see `price_of`). Trials stopped early
+    (taking part only with `frontier(..., include_stopped=True)`) are crossed."""
     x = x or front.costs[0]
     y = y or next((c for c, d in front.objectives.items() if d == "max"), front.costs[-1])
     df = front.considered
@@ -87,36 +185,47 @@ def frontier_plot(front: Frontier, x: str | None = None, y: str | None = None, t
     fig, ax = _figure()
     for (method, size), group in df.groupby(["method", "model_size"], sort=False):
         ax.scatter(group[x], group[y], c=colors[method], marker=markers[size], s=36, alpha=0.75, linewidths=0)
+    stopped = df[df[STOPPED_TAG].notna()] if STOPPED_TAG in df else df.iloc[0:0]
+    if len(stopped):
+        ax.scatter(stopped[x], stopped[y], marker="x", c="black", s=24, linewidths=0.8, zorder=3)
     on = df.loc[front.frontier.index]  # cheapest first
     ax.scatter(on[x], on[y], s=110, facecolors="none", edgecolors="black", linewidths=1.2, zorder=3)
     if len(front.objectives) == 2 and len(on) > 0:
         ax.step(on[x], on[y], where="post", color="black", linewidth=1, zorder=2)
-    if _decades(df[x]) >= LOG_DECADES:
-        ax.set_xscale("log")
-        _log_axis(ax.xaxis, _decades(df[x]))
+    _scale_axis(ax, "x", df[x])
+    _plain_axis(ax.yaxis)
     ax.set_xlabel(axis_label(x) + (" (log scale)" if ax.get_xscale() == "log" else ""))
     ax.set_ylabel(axis_label(y))
-    left_out = sum(front.excluded.values())
-    ax.set_title((f"{title}: " if title else "") + f"Pareto frontier, {len(on)} of {len(df)} trials"
-                 + (f" ({left_out} unfinished or incomplete left out)" if left_out else ""), fontsize=10)
+    if price is not None and x == "gpu_hours":
+        dollars_axis(ax, price)
     handles = [Line2D([], [], color=c, marker="o", linestyle="", label=m) for m, c in colors.items()]
     handles += [Line2D([], [], color="grey", marker=mk, linestyle="", label=s) for s, mk in markers.items()]
     handles.append(Line2D([], [], color="black", marker="o", markerfacecolor="none", label="frontier"))
+    if len(stopped):
+        handles.append(Line2D([], [], color="black", marker="x", linestyle="", label="stopped early"))
     ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # never over a point
     ax.grid(True, alpha=0.3)
-    _place_labels(fig, ax, on[x].to_numpy(), on[y].to_numpy(), [trial_label(r) for _, r in on.iterrows()])
+    left_out = sum(front.excluded.values())
+    heading = (f"{title}: " if title else "") + f"Pareto frontier, {len(on)} of {len(df)} trials" \
+        + (f" ({left_out} unfinished or incomplete left out)" if left_out else "")
+    ax.set_title(heading, fontsize=10)
+    unlabelled = _place_labels(fig, ax, on[x].to_numpy(), on[y].to_numpy(),
+                               [trial_label(r) for _, r in on.iterrows()])
+    if unlabelled:
+        ax.set_title(heading + f"; {unlabelled} frontier label{'s' * (unlabelled != 1)} left out for room",
+                     fontsize=10)
     return fig
 
 
-# Where a label may sit relative to its point (points, alignment), tried in this order.
-_OFFSETS = [(6, 4, "left"), (6, -12, "left"), (-6, 4, "right"), (-6, -12, "right"),
-            (6, 16, "left"), (-6, 16, "right"), (6, -24, "left"), (-6, -24, "right"),
-            (6, 28, "left"), (-6, 28, "right"), (6, -36, "left"), (-6, -36, "right")]
+# Where a label may sit relative to its point (points, alignment), nearest first: beside it, then above and
+# below; no farther, or it would read as another point's label.
+_OFFSETS = [(dx, dy, "left" if dx > 0 else "right") for dy in (4, -12, 16, -24, 28, -36) for dx in (6, -6)]
+_LABEL_BOX = {"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.7}
 
 
-def _place_labels(fig: Figure, ax, xs, ys, texts) -> None:
-    """Annotate points so that no label overlaps another or the legend, or leaves the axes
-    (if every place in _OFFSETS is taken, the last one is used).
+def _place_labels(fig: Figure, ax, xs, ys, texts) -> int:
+    """Annotate points so that no label overlaps another or the legend, or leaves the axes; a label
+    with no free place in _OFFSETS is left out. Returns how many were left out.
 
     The layout is computed once and then frozen, so where a label is measured is where it is drawn.
     """
@@ -125,17 +234,22 @@ def _place_labels(fig: Figure, ax, xs, ys, texts) -> None:
     renderer = fig.canvas.get_renderer()
     inside = ax.get_window_extent(renderer)
     taken = [ax.get_legend().get_window_extent(renderer)] if ax.get_legend() else []
+    left_out = 0
     for px, py, text in zip(xs, ys, texts):
         ann = ax.annotate(text, (px, py), fontsize=7.5, textcoords="offset points", xytext=_OFFSETS[0][:2],
-                          ha="left", bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.7})
+                          ha="left", bbox=_LABEL_BOX)
         for dx, dy, ha in _OFFSETS:
             ann.xyann = (dx, dy)
             ann.set_ha(ha)
             box = ann.get_window_extent(renderer)
             fits = inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0 and box.y1 <= inside.y1
             if fits and not any(box.overlaps(other) for other in taken):
+                taken.append(box)
                 break
-        taken.append(ann.get_window_extent(renderer))
+        else:
+            ann.remove()
+            left_out += 1
+    return left_out
 
 
 def rank_plot(trials: pd.DataFrame) -> Figure:
@@ -159,6 +273,7 @@ def rank_plot(trials: pd.DataFrame) -> Figure:
         ax.legend(title="model size", fontsize=8)
     ax.set_xlabel(axis_label("lora_rank") + " (log scale)")
     ax.set_ylabel(axis_label("score"))
+    _plain_axis(ax.yaxis)
     ax.set_title("Score vs LoRA rank", fontsize=10)
     ax.grid(True, alpha=0.3)
     return fig
@@ -180,6 +295,7 @@ def lr_plot(trials: pd.DataFrame) -> Figure:
     _log_axis(ax.xaxis, _decades(df["lr"]) if not df.empty else 1.0)
     ax.set_xlabel(axis_label("lr") + " (log scale)")
     ax.set_ylabel(axis_label("score"))
+    _plain_axis(ax.yaxis)
     ax.set_title("Score vs learning rate", fontsize=10)
     if not df.empty:
         ax.legend(title="model size, method", fontsize=8)
@@ -203,7 +319,12 @@ def stage_cost_plot(trials: pd.DataFrame, by: tuple[str, ...] = ("model_size", "
     ax.bar(names, means["stage1_gpu_hours"], label="stage 1 (projector; cached, shared)", color="C7")
     ax.bar(names, means["stage2_gpu_hours"], bottom=means["stage1_gpu_hours"], label="stage 2 (tuning)",
            color="C0")
+    if len(names) > 4:  # names side by side would run into each other
+        ax.tick_params(axis="x", labelrotation=30)
+        for label in ax.get_xticklabels():
+            label.set_ha("right")
     ax.set_ylabel("GPU-hours per node (mean per trial)")
+    _plain_axis(ax.yaxis)
     ax.set_xlabel(" x ".join(by))
     ax.set_title("Cost per stage", fontsize=10)
     ax.legend(fontsize=8)

@@ -5,9 +5,12 @@
 
 One row per nested trial run (a run with an `mlflow.parentRunId` tag; the study's own
 parent run is left out): `run_id`, `status` (FINISHED, FAILED, KILLED, RUNNING, ...),
-`parent_run_id`, `study`, `experiment`, the flat params with their types restored from
-TrialConfig (`lora_rank` is an int, `lr` a float, `model_size` stays a string), and
-the final (last-step) value of every metric. Any tracking URI MLflow accepts works:
+`parent_run_id`, `study`, `experiment`, `run_name` (the trial's name: what varies, e.g.
+"1m r8 a32 lr3.5e-3"), `stopped_early` (the stage-2 step at which an early-stopping
+scheduler stopped the trial; NaN for the others; only when some trial was stopped), the
+flat params with their types restored from TrialConfig (`lora_rank` is an int, `lr` a
+float, `model_size` stays a string), and the final (last-step) value of every metric.
+Any tracking URI MLflow accepts works:
 a sqlite file, a file store directory, or `http://host:port` of a tracking server.
 """
 
@@ -29,13 +32,21 @@ TABLE_COLUMNS = ["model_size", "method", "lora_rank", "lora_alpha", "lr", "score
 # Shown after the fixed columns when a study varies them (the resolution and data-mixing axes) or logs them.
 VARYING_COLUMNS = ["image_size", "mix_ratio", "adapter_dim", "router_temperature"]
 EXTRA_SCORES = ["text_score"]
-RUN_COLUMNS = ["run_id", "status", "parent_run_id", "study", "experiment"]
+RUN_COLUMNS = ["run_id", "status", "parent_run_id", "study", "experiment", "run_name"]
+# The tag a trial's run gets when an early-stopping scheduler stopped it (value: the stage-2 step it reached);
+# study.mlflow_runs writes it, and the frontier leaves such trials out unless asked (analysis.pareto).
+STOPPED_TAG = "stopped_early"
+# Measured cost over the forecast made before the trial ran (tables.forecast_vs_measured).
+RATIOS = {"gpu_hours_ratio": ("forecast_gpu_hours", "gpu_hours"), "dollars_ratio": ("forecast_dollars", "dollars")}
 
 # How each column reads in a table: metrics as tracking.metrics says (tiny costs in scientific
 # notation, counts with separators), the params and the tables' aggregates of a score here.
 FORMATS = {**{name: m.fmt for name, m in METRICS.items()},
            "lr": "{:.2e}", "lora_alpha": "{:g}", "alpha_per_rank": "{:g}", "mix_ratio": "{:g}",
-           "score_best": "{:.1f}", "score_mean": "{:.1f}", "score_std": "{:.1f}"}
+           "score_best": "{:.1f}", "score_mean": "{:.1f}", "score_std": "{:.1f}", "stopped_early": "{:.0f}",
+           **{ratio: "{:.2f}" for ratio in RATIOS}}
+# A 95% interval's ends (`score_ci_low`, `score_ci_high`) read like the metric they bound.
+INTERVAL_ENDS = ("_ci_low", "_ci_high")
 
 
 class AnalysisError(KeyError):
@@ -66,7 +77,11 @@ def load_trials(tracking_uri: str | None, experiment: str, parent_run_id: str | 
         if parent is None:
             continue  # the study's own run
         row = {"run_id": run.info.run_id, "status": run.info.status, "parent_run_id": parent,
-               "study": run.data.tags.get(STUDY_TAG, experiment), "experiment": experiment}
+               "study": run.data.tags.get(STUDY_TAG, experiment), "experiment": experiment,
+               "run_name": run.info.run_name}
+        if STOPPED_TAG in run.data.tags:  # the step, as a number where it is one
+            step = run.data.tags[STOPPED_TAG]
+            row[STOPPED_TAG] = float(step) if step.strip().lstrip("-").isdigit() else step
         row.update({k: parse_param(k, v) for k, v in run.data.params.items()})
         row.update(run.data.metrics)
         rows.append(row)
@@ -89,13 +104,42 @@ def load_studies(tracking_uri: str | None, experiments: list[str]) -> pd.DataFra
     return pd.concat([f for f in frames if not f.empty] or frames[:1], ignore_index=True)
 
 
+def column_format(column: str) -> str | None:
+    """How a column's values read ("{:.1f}"), or None for a column shown as it is."""
+    if column in FORMATS:
+        return FORMATS[column]
+    end = next((e for e in INTERVAL_ENDS if column.endswith(e)), None)
+    return FORMATS.get(column[:-len(end)]) if end else None
+
+
 def formatted(view: pd.DataFrame) -> pd.DataFrame:
     """The same frame with every known numeric column as display strings ("-" where missing)."""
     view = view.copy()
-    for col, spec in FORMATS.items():
-        if col in view:
-            view[col] = view[col].map(lambda v, spec=spec: spec.format(v) if pd.notna(v) else "-")
+    for col in view.columns:
+        spec = column_format(col)
+        if spec is not None:
+            view[col] = view[col].map(lambda v, spec=spec: _format(spec, v))
     return view.astype(object).where(view.notna(), "-")
+
+
+def _format(spec: str, value) -> str:
+    if not isinstance(value, str) and pd.isna(value):
+        return "-"
+    try:
+        return spec.format(value)
+    except (TypeError, ValueError):  # not a number after all (a tag written by hand): as it is
+        return str(value)
+
+
+def scores_of(df: pd.DataFrame) -> list[str]:
+    """The score columns a table shows after `score` when the trials logged them: `text_score`, and a
+    95% interval's ends (`score_ci_low`, `score_ci_high`, ...) where the evaluation logs one."""
+    present = [c for c in ["score"] + EXTRA_SCORES if c in df.columns and df[c].notna().any()]
+    out = []
+    for col in present:
+        out += [c for c in [col, *(col + end for end in INTERVAL_ENDS)]
+                if c in df.columns and df[c].notna().any()]
+    return [c for c in out if c != "score"]
 
 
 def not_applicable_blanked(df: pd.DataFrame) -> pd.DataFrame:
@@ -123,7 +167,7 @@ def format_table(df: pd.DataFrame, sort_by: str = "score") -> str:
     cols = [c for c in TABLE_COLUMNS if c in df.columns]
     varying = [c for c in VARYING_COLUMNS if c in df.columns and df[c].nunique(dropna=True) > 1]
     at = cols.index("score") + 1 if "score" in cols else len(cols)
-    cols[at:at] = [c for c in EXTRA_SCORES if c in df.columns and df[c].notna().any()]
+    cols[at:at] = scores_of(df)
     cols = cols[:2] + varying + cols[2:]
     df = not_applicable_blanked(df)
     view = df.sort_values(sort_by, ascending=False, na_position="last")[cols] \

@@ -3,7 +3,9 @@
     from analysis import tables
     t = tables.by_size_method(trials)      # like its Table 4: score and cost per model size x method (x rank)
     e = tables.factor_effects(trials)      # like its Table 3: mean / best score per level of each factor
+    f = tables.forecast_vs_measured(trials)  # per trial: the cost forecast before it ran, the measured cost, the ratio
     print(tables.to_text(t)); tables.to_markdown(t); t.to_csv("t.csv", index=False)
+    tables.show(t)                         # in a notebook: the same numbers as the command line prints
 
 Only finished trials with a score count (see analysis.pareto for why). Costs are the
 mean over a row's trials: within a row they differ only by noise and the learning
@@ -16,7 +18,7 @@ import re
 
 import pandas as pd
 
-from analysis.runs import formatted, not_applicable_blanked
+from analysis.runs import RATIOS, formatted, not_applicable_blanked
 
 FACTORS = ["model_size", "method", "image_size", "mix_ratio", "lora_rank", "lora_alpha", "alpha_per_rank"]
 COSTS = ["gpu_hours", "dollars", "trainable_params", "peak_mem_gb", "artifact_mb"]
@@ -98,9 +100,52 @@ def factor_effects(trials: pd.DataFrame, factors: list[str] | None = None, min_l
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
 
 
+def forecast_vs_measured(trials: pd.DataFrame) -> pd.DataFrame:
+    """Per finished trial that logged a forecast (`forecast_gpu_hours`, `forecast_dollars`): the forecast,
+    the measured cost and their ratio, measured / forecast (1.00: exact; 2.00: it cost twice the forecast).
+
+    Empty (no rows, no columns) when no trial logged a forecast: a report then leaves the table out.
+    Only finished trials count: a failed or stopped trial's measured cost is that of part of the work.
+    """
+    pairs = {ratio: (f, m) for ratio, (f, m) in RATIOS.items() if f in trials and m in trials}
+    if trials.empty or "status" not in trials or not pairs:
+        return pd.DataFrame()
+    df = tidy(trials[trials["status"] == "FINISHED"])
+    df = df[df[[f for f, _ in pairs.values()]].notna().any(axis=1)]
+    if df.empty:
+        return pd.DataFrame()
+    keys = [c for c in ("run_name", "model_size", "method", "lora_rank") if c in df and df[c].notna().any()]
+    out = df[keys].copy()
+    for ratio, (forecast, measured) in pairs.items():
+        out[forecast], out[measured] = df[forecast], df[measured]
+        out[ratio] = df[measured] / df[forecast].where(df[forecast] > 0)
+    sort = [k for k in ("model_size", "method", "lora_rank") if k in out]
+    return _sort_levels(out, sort) if sort else out.reset_index(drop=True)
+
+
 def to_text(table: pd.DataFrame) -> str:
     """Aligned text for the terminal, numbers formatted as in the study's table."""
     return "(no finished trials)" if table.empty else formatted(table).to_string(index=False)
+
+
+class Shown:
+    """A table as a notebook shows it (HTML) and as text elsewhere, the numbers formatted as the command line
+    prints them, without the row index. `.table`: the formatted frame (strings)."""
+
+    def __init__(self, table: pd.DataFrame):
+        self.table = formatted(table)
+
+    def _repr_html_(self) -> str:
+        return self.table.to_html(index=False)
+
+    def __repr__(self) -> str:
+        return "(no rows)" if self.table.empty else self.table.to_string(index=False)
+
+
+def show(table: pd.DataFrame) -> Shown:
+    """A table for a notebook: every number formatted as the command line prints it (tiny costs in
+    scientific notation, counts with separators, "-" where missing), without the row index."""
+    return Shown(table)
 
 
 def to_markdown(table: pd.DataFrame) -> str:

@@ -6,6 +6,7 @@ import io
 import itertools
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -16,7 +17,8 @@ from analysis import plots, tables
 from analysis.frontier import log_study_frontier, main
 from analysis.pareto import frontier
 from analysis.runs import load_trials
-from test_analysis_store import FRONTIER, OTHER_TRIAL, STUDY, TRIALS, log_trial, shared_store
+from test_analysis_store import (FRONTIER, FRONTIER_WITH_STOPPED, OTHER_TRIAL, STOPPED_STEP, STUDY, TRIALS,
+                                 forecast_ratio, log_trial, shared_store)
 
 
 @pytest.fixture(scope="module")
@@ -113,10 +115,12 @@ def test_log_study_frontier_logs_the_parents_artifacts(store):
     listed = {a.path for a in client.list_artifacts(store.parent, "frontier")}
     assert listed == {"frontier/frontier.png", "frontier/frontier.csv", "frontier/table.md"}
     csv = pd.read_csv(store.root / "frontier" / "frontier.csv")
-    assert set(csv["run_id"]) == set(store.run_ids)  # this study's trials only, not the other study's
+    assert set(csv["run_id"]) == set(store.run_ids) | {store.stopped}  # this study's trials, not the other's
     on = {(r.model_size, r.lora_rank) for r in csv[csv["on_frontier"]].itertuples()}
     assert on == FRONTIER
-    assert (csv["excluded"].fillna("") != "").sum() == 1 and "failed" in set(csv["excluded"])
+    excluded = dict(zip(csv["run_id"], csv["excluded"].fillna("")))
+    assert excluded[store.stopped] == "stopped early" and sorted(e for e in excluded.values() if e) == [
+        "failed", "stopped early"]
     assert "| model_size |" in (store.root / "frontier" / "table.md").read_text()
 
 
@@ -125,7 +129,7 @@ def test_cli_writes_the_table_csv_and_png(store, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "on the frontier" in printed and "1 failed" in printed
     csv = pd.read_csv(tmp_path / "frontier.csv")
-    assert len(csv) == len(TRIALS) + 1 and list(csv.columns[:3]) == ["run_id", "status", "parent_run_id"]
+    assert len(csv) == len(TRIALS) + 2 and list(csv.columns[:3]) == ["run_id", "status", "parent_run_id"]
     assert {"on_frontier", "lr", "lora_rank", "score", "gpu_hours", "train_loss"} <= set(csv.columns)
     on = {(r.model_size, r.lora_rank) for r in csv[csv["on_frontier"]].itertuples()}
     assert on == FRONTIER | {OTHER_TRIAL[:2]}  # the whole experiment: both studies
@@ -164,3 +168,151 @@ def test_cli_as_a_process(store, tmp_path):
                            "--tracking-uri", store.uri, "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.strip().startswith("error: no MLflow experiment named 'nope'")
+
+
+# --- what a study's report shows: text_score and intervals where logged, forecast vs measured cost ---
+
+def test_frontier_table_shows_text_score_and_a_scores_interval_only_where_logged():
+    from analysis.frontier import frontier_table
+    from analysis.runs import formatted
+
+    df = synthetic().assign(text_score=70.0)
+    plain = frontier_table(frontier(df))
+    assert "text_score" in plain and not any(c.endswith(("_ci_low", "_ci_high")) for c in plain)
+    cols = list(frontier_table(frontier(df.assign(score_ci_low=df["score"] - 4.04, score_ci_high=df["score"] + 3.96)))
+                .columns)
+    assert cols[cols.index("score"):cols.index("score") + 4] == ["score", "score_ci_low", "score_ci_high", "text_score"]
+    shown = formatted(pd.DataFrame({"score": [41.25], "score_ci_low": [37.21], "score_ci_high": [45.33]}))
+    assert shown.iloc[0].tolist() == ["41.2", "37.2", "45.3"]  # an interval reads like the score it bounds
+
+
+def test_forecast_vs_measured_per_trial(store):
+    trials = load_trials(store.uri, STUDY, parent_run_id=store.parent)
+    table = tables.forecast_vs_measured(trials)
+    finished = {rid: i for i, (rid, spec) in enumerate(zip(store.run_ids, TRIALS)) if spec[-1] == "FINISHED"}
+    assert len(table) == len(finished)  # the failed and the stopped trial have no measured cost to compare
+    names = load_trials(store.uri, STUDY).set_index("run_name")["run_id"]
+    for row in table.itertuples():
+        ratio = forecast_ratio(finished[names[row.run_name]])
+        assert row.gpu_hours_ratio == pytest.approx(ratio) and row.dollars_ratio == pytest.approx(ratio)
+        assert row.gpu_hours == pytest.approx(row.forecast_gpu_hours * ratio)
+    report = (store.root / "frontier" / "table.md").read_text()
+    assert "## Forecast vs measured cost per trial" in report and "| 1.25 |" in report
+    # no forecast logged: no table, and no section in the report
+    assert tables.forecast_vs_measured(synthetic()).empty
+    from analysis.frontier import report_markdown
+    assert "Forecast" not in report_markdown(frontier(synthetic()), "t")
+
+
+# --- plots readable at any scale ---
+
+def tick_values(axis) -> tuple[list[float], list[float]]:
+    """(tick positions in view, what their labels say) after a draw: SI suffixes and separators undone."""
+    lo, hi = sorted(axis.get_view_interval())
+    scale = {"k": 1e3, "M": 1e6, "B": 1e9, "T": 1e12}
+    shown, said = [], []
+    for tick in axis.get_major_ticks():
+        text = tick.label1.get_text() or tick.label2.get_text()
+        if text and lo <= tick.get_loc() <= hi:
+            shown.append(tick.get_loc())
+            said.append(float(text.rstrip("kMBT").replace(",", "")) * scale.get(text[-1], 1))
+    return shown, said
+
+
+SMOKE_HOURS = [5.12e-5, 5.32e-5, 6.92e-5]  # a smoke study's three trials (their labels ran into each other)
+
+
+@pytest.mark.parametrize("scale", ["smoke", 1.0, 1e6])  # laptop (5e-5 .. 2e-3 GPU-hours) and cluster (600+)
+def test_linear_axes_say_their_values_without_a_corner_multiplier(scale):
+    df = synthetic()
+    narrow = df[df["model_size"] == "1m"]
+    if scale == "smoke":
+        narrow = narrow.iloc[:3].assign(gpu_hours=SMOKE_HOURS)
+    else:
+        narrow = narrow.assign(gpu_hours=narrow["gpu_hours"] * scale)
+    fig = plots.frontier_plot(frontier(narrow), price=13.63)
+    fig.savefig(io.BytesIO(), format="png")
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "linear"
+    renderer = fig.canvas.get_renderer()
+    for axis in (ax.xaxis, ax.yaxis, ax.child_axes[0].xaxis):
+        shown, said = tick_values(axis)
+        assert len(shown) >= 3 and axis.get_offset_text().get_text() == ""  # matplotlib's would read "1e-3"
+        assert np.allclose(said, shown, rtol=1e-9, atol=0)
+        labels = [t.label1 if t.label1.get_text() else t.label2 for t in axis.get_major_ticks()]
+        boxes = [lb.get_window_extent(renderer) for lb in labels if lb.get_text() and lb.get_visible()]
+        assert not any(a.overlaps(b) for a, b in itertools.combinations(boxes, 2))  # wide labels, fewer ticks
+
+
+def test_trainable_params_go_log_with_readable_labels_and_a_dollars_axis_is_optional():
+    df = synthetic()
+    fig = plots.frontier_plot(frontier(df, x="trainable_params"))
+    fig.savefig(io.BytesIO(), format="png")
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log" and ax.child_axes == []  # 8k to 1.5M parameters; dollars only when asked
+    shown, said = tick_values(ax.xaxis)
+    labels = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+    assert any(label.endswith("k") for label in labels) and np.allclose(said, shown, rtol=1e-9)
+    fig = plots.frontier_plot(frontier(df), price=13.63)
+    fig.savefig(io.BytesIO(), format="png")
+    ax = fig.axes[0]
+    (top,) = ax.child_axes
+    assert np.allclose(top.get_xlim(), np.array(ax.get_xlim()) * 13.63) and "$" in top.get_xlabel()
+    assert plots.price_of(df) == pytest.approx(13.63) and plots.price_of(df.assign(dollars=df["gpu_hours"])) == 1.0
+    mixed = pd.concat([df, df.assign(dollars=df["gpu_hours"] * 2)])
+    assert plots.price_of(mixed) is None
+
+
+def test_crowded_frontier_labels_never_overlap_and_the_left_out_are_counted():
+    n = 150  # every trial on the frontier: more labels than the plot has room for
+    df = pd.DataFrame({"run_id": [f"r{i}" for i in range(n)], "status": "FINISHED", "method": "lora",
+                       "model_size": "1m", "lora_rank": 8, "score": 40 + np.arange(n) * 0.05,
+                       "gpu_hours": 1e-3 + np.arange(n) * 1e-6})
+    front = frontier(df)
+    assert front.trials["on_frontier"].all()
+    fig = plots.frontier_plot(front)
+    fig.savefig(io.BytesIO(), format="png")
+    ax = fig.axes[0]
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in ax.texts]
+    assert 0 < len(boxes) < n and not any(a.overlaps(b) for a, b in itertools.combinations(boxes, 2))
+    assert f"{n - len(boxes)} frontier labels left out" in ax.get_title()
+
+
+# --- the CLI never replaces what it did not write; stopped trials on request ---
+
+def test_cli_refuses_to_replace_files_it_did_not_write(store, tmp_path, capsys):
+    argv = ["--experiment", STUDY, "--tracking-uri", store.uri, "--out", str(tmp_path)]
+    (tmp_path / "table.md").write_text("my notes")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --out") and "table.md" in err[0] and "--force" in err[0]
+    assert (tmp_path / "table.md").read_text() == "my notes" and not (tmp_path / "frontier.csv").exists()
+    assert main(argv + ["--force"]) == 0 and (tmp_path / "table.md").read_text() != "my notes"
+    assert main(argv) == 0  # what it wrote itself it replaces
+    (tmp_path / "frontier.csv").write_text("edited by hand")
+    assert main(argv) == 2 and "frontier.csv" in capsys.readouterr().err
+    assert (tmp_path / "frontier.csv").read_text() == "edited by hand"
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    assert main(argv[:-1] + [str(a_file)]) == 2 and "is a file" in capsys.readouterr().err
+
+
+def test_cli_default_out_is_a_folder_per_experiment(store, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["--experiment", STUDY, "--tracking-uri", store.uri]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["frontier"]  # nothing in the working directory itself
+    assert {p.name for p in (tmp_path / "frontier" / STUDY).iterdir()} >= {"frontier.csv", "frontier.png", "table.md"}
+    assert f"wrote {Path('frontier') / STUDY / 'frontier.csv'}" in capsys.readouterr().out
+
+
+def test_cli_includes_stopped_trials_on_request(store, tmp_path, capsys):
+    argv = ["--experiment", STUDY, "--tracking-uri", store.uri, "--out", str(tmp_path)]
+    assert main(argv) == 0 and "1 stopped early" in capsys.readouterr().out
+    assert main(argv + ["--include-stopped", "--dollars-axis"]) == 0
+    printed = capsys.readouterr().out
+    csv = pd.read_csv(tmp_path / "frontier.csv")
+    on = {(r.model_size, r.lora_rank) for r in csv[csv["on_frontier"]].itertuples()}
+    assert on == FRONTIER_WITH_STOPPED | {OTHER_TRIAL[:2]}  # the stopped trial beats both 0.3m trials
+    assert "stopped early" not in printed.splitlines()[0] and "stopped_early" in printed
+    assert csv.loc[csv["stopped_early"].notna(), "stopped_early"].tolist() == [STOPPED_STEP]

@@ -106,3 +106,22 @@ def test_pareto_mask_directly():
 def test_bad_direction_is_refused():
     with pytest.raises(AnalysisError, match="'up'"):
         objectives_of({"score": "up"})
+
+
+def test_trials_stopped_early_are_left_out_unless_included():
+    # "stopped" (a scheduler stopped it at step 4) looks best and cheapest: its cost and score are those of an
+    # unfinished run, so by default it is left out and counted, whatever status its run ended with
+    df = trials(("stopped", 60, 0.5, "KILLED"), ("a", 50, 1.0), ("b", 55, 2.0), ("tagged", 70, 0.1),
+                stopped_early=[4, None, None, 7])
+    front = frontier(df)
+    assert names_on(front) == ["a", "b"] and front.excluded == {"stopped early": 2}
+    assert front.summary().endswith("left out: 2 stopped early")
+    included = frontier(df, include_stopped=True)
+    assert names_on(included) == ["tagged"] and included.excluded == {}
+    # included, a stopped trial still needs every objective
+    no_score = trials(("stopped", np.nan, 0.5, "KILLED"), ("a", 50, 1.0), stopped_early=[4, None])
+    assert frontier(no_score, include_stopped=True).excluded == {"missing score": 1}
+    with pytest.raises(AnalysisError, match="no finished trials"):
+        frontier(trials(("stopped", 60, 0.5, "KILLED"), stopped_early=[4]))
+    assert names_on(frontier(trials(("stopped", 60, 0.5, "KILLED"), stopped_early=[4]), include_stopped=True)) \
+        == ["stopped"]
