@@ -7,6 +7,7 @@ logits; `python -m study.export` must turn it into a checkpoint `from_pretrained
 """
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -211,4 +212,31 @@ def test_export_keeps_mma_with_its_loader(world_data, process_group, tmp_path):
     (tmp_path / "export").rename(moved)  # the exported folder is self-contained
     loaded = MMAModel.from_pretrained(moved / "mma")
     batch = first_batch(ctx)
+    assert torch.allclose(logits(loaded, batch), logits(engine.module, batch), atol=ATOL)
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "full"])
+def test_the_model_card_says_how_to_load_the_artifact(runs, tmp_path_factory, tmp_path, method):
+    """The artifact's README.md (not PEFT's blank template) names the base, the method, the params and the
+    metrics, and its Python snippet, run as written, loads the trained model (the same logits)."""
+    from trainables import model_card
+
+    cfg, ctx, base, engine, *_, batch = _get(runs, (method, 2), tmp_path_factory)
+    out, _ = _save(ctx, engine, tmp_path)
+    model_card.write(out, cfg, {"score": 61.25, "gpu_hours": 1.5e-3, "trainable_params": 44736.0},
+                     str(base), study="card study", trial="1m r8", run_id="abc123")
+    card = (out / "README.md").read_text()
+    assert card.startswith(f"---\nbase_model: {base}\n") and "Fill in" not in card and "[More Information" not in card
+    assert "study `card study`, trial `1m r8` (MLflow run `abc123`)" in card
+    assert "| score | 61.2 | 0-100 |" in card and f"| lr | {cfg.lr} |" in card
+    assert ("| lora_rank |" in card) == (method != "full")  # only the params that apply
+    snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    cwd = os.getcwd()
+    try:
+        os.chdir(out.parent)  # the snippet names the artifact's folder, as it sits beside the card's reader
+        exec(snippet, namespace)
+    finally:
+        os.chdir(cwd)
+    loaded = exact_cpu_kernels(namespace["model"])
     assert torch.allclose(logits(loaded, batch), logits(engine.module, batch), atol=ATOL)

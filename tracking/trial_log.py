@@ -55,6 +55,17 @@ class TrialLog:
     def artifacts(self, local_dir: Path, artifact_path: str) -> None:
         self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
 
+    def about(self) -> dict[str, str]:
+        """What the model card says about where the trial lives: its study (the experiment), its run's name
+        (what varies, e.g. "1m r8 a32 lr3.5e-3") and run id."""
+        run = self.client.get_run(self.run_id)
+        return {"study": self.client.get_experiment(run.info.experiment_id).name,
+                "trial": run.info.run_name or "", "run_id": self.run_id}
+
+    def stopped_early(self) -> bool:
+        """Whether the study's scheduler stopped this trial (the driver tags its run `stopped_early`)."""
+        return "stopped_early" in self.client.get_run(self.run_id).data.tags
+
     def finish(self, metrics: dict, tags: dict) -> None:
         """The trial's final metrics (every name in tracking.metrics.METRICS, or UnknownMetric) and tags."""
         for key in metrics:

@@ -28,4 +28,9 @@ def export(artifact, cfg, out, base) -> None:
 
 
 METHOD = Method("full", STAGE2, "model", load=load_base, save=save, export=export, fields=("projector_lr",),
-                description="every LLM weight and the projector")
+                description="every LLM weight and the projector",
+                how_to_load="""
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+model = LlavaForConditionalGeneration.from_pretrained("{artifact}")
+processor = AutoProcessor.from_pretrained("{artifact}")
+""")

@@ -51,9 +51,19 @@ def export(adapter, cfg, out, base) -> None:
     AutoProcessor.from_pretrained(base).save_pretrained(out)
 
 
+# The model card's snippet (trainables.model_card): stock transformers + PEFT, nothing of ours.
+HOW_TO_LOAD = """
+from peft import PeftModel
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+model = LlavaForConditionalGeneration.from_pretrained("{base}")
+model = PeftModel.from_pretrained(model, "{artifact}")  # or .merge_and_unload() for a plain LLaVA
+processor = AutoProcessor.from_pretrained("{base}")
+"""
+
 # Fields every LoRA-style method reads (the alpha multiplier, alpha_per_rank, is logged beside lora_alpha).
 FIELDS = ("lora_rank", "lora_alpha", "lora_dropout", "projector_lr")
 METHOD = Method("lora", STAGE2, "adapter", load=load_base, save=save_adapter, wrap=wrap, export=export,
                 base_of=recorded_base("adapter_config.json"), fields=FIELDS,
                 label_fields=(("lora_rank", "r{:.0f}"),),
-                description="PEFT LoRA on every LLM linear layer + the projector at its own lr")
+                description="PEFT LoRA on every LLM linear layer + the projector at its own lr",
+                library="peft", how_to_load=HOW_TO_LOAD)

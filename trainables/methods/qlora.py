@@ -65,5 +65,17 @@ def wrap(model, cfg):
     return lora.wrap(model, cfg)
 
 
+# The model card's snippet: the adapter goes on the 4-bit base it trained on, quantized as in training.
+HOW_TO_LOAD = """
+from peft import PeftModel
+from transformers import AutoProcessor, BitsAndBytesConfig, LlavaForConditionalGeneration
+quantized = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               llm_int8_skip_modules=%r)
+model = LlavaForConditionalGeneration.from_pretrained("{base}", quantization_config=quantized)
+model = PeftModel.from_pretrained(model, "{artifact}")
+processor = AutoProcessor.from_pretrained("{base}")
+""" % KEEP_UNQUANTIZED
+
 METHOD = dataclasses.replace(lora.METHOD, name="qlora", load=load, wrap=wrap, quantize_base=True,
-                             description="LoRA over a 4-bit NF4 base (bitsandbytes, double quantization)")
+                             description="LoRA over a 4-bit NF4 base (bitsandbytes, double quantization)",
+                             how_to_load=HOW_TO_LOAD)

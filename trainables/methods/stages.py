@@ -46,6 +46,8 @@ class Method:
     image_tokens(processor, cfg) -> n  placeholder tokens per image in the text (None: one per vision patch)
     fields                             TrialConfig fields it reads beyond the shared ones: logged only for it
     label_fields                       (field, format) pairs that tell its trials apart in a table or legend
+    library, how_to_load               its artifact's model card: the library that loads it, and Python that
+                                       does ({base}: the checkpoint it was trained on, {artifact}: its folder)
     """
     name: str
     stage2: dict[str, str]
@@ -61,6 +63,8 @@ class Method:
     fields: tuple[str, ...] = ()
     label_fields: tuple[tuple[str, str], ...] = ()
     description: str = ""
+    library: str = "transformers"
+    how_to_load: str = ""
 
     def problem(self, cfg) -> str | None:
         """A setting this method cannot run with, as a one-line reason (None if fine)."""

@@ -57,6 +57,12 @@ METHOD = Method("mma", {"vision_tower": ADAPTER, "projector": FROZEN, "neck": FU
                 image_tokens=image_tokens, two_stage=False,
                 fields=("adapter_dim", "router_temperature", "neck_dim", "neck_every"),
                 label_fields=(("adapter_dim", "d{:.0f}"),),
-                description="LaVIN's routed MM-Adapters in every vision and LLM block + a visual neck")
+                description="LaVIN's routed MM-Adapters in every vision and LLM block + a visual neck",
+                how_to_load="""
+# No stock class knows LaVIN's MM-Adapters: this needs mmscale (pip install -e . in its repository).
+from trainables.methods.mma.model import MMAModel
+model = MMAModel.from_pretrained("{artifact}", base="{base}")
+# or `python -m study.export RUN_ID --out DIR`: the base LLaVA with mma/ beside it, one folder that moves whole
+""")
 
 __all__ = ["METHOD", "MMAConfig", "MMAModel", "export", "image_tokens", "wrap"]
