@@ -129,3 +129,104 @@ def test_skip_invalid_logs_what_it_dropped_on_the_study_run(dataset_dir, tmp_pat
     local = Path(client.download_artifacts(parent, "data/skipped.json", str(tmp_path / "dl")))
     assert json.loads(local.read_text()) == [{"file": "train.json", "id": "t3", "index": 3,
                                               "reasons": ["image 'r3.png' does not exist"]}]
+
+
+# --- refusals of the study's settings, from the command line (the checks: study/plan.py make_plan) ---------
+
+SMALL = ("from study.space import choice\n"
+         "NAME = 'small'\n"
+         "FIXED = {'method': 'lora', 'model_size': '0.3m'%s}\n"
+         "SPACE = {'lora_rank': choice([4, 8])}\n"
+         "SMOKE = {'stage1_steps': 2, 'stage2_steps': 4, 'batch_size': 4, 'eval_samples': 8}\n")
+
+
+def one_error(r: subprocess.CompletedProcess) -> str:
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stdout[-2000:] + r.stderr
+    return lines[0]
+
+
+def space_file(tmp_path: Path, fixed: str = "") -> Path:
+    path = tmp_path / "small.py"
+    path.write_text(SMALL % fixed)
+    return path
+
+
+def test_use_gpu_without_a_gpu_is_refused(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    space = space_file(tmp_path, ", 'use_gpu': True")
+    line = one_error(run(str(space), "--smoke", cwd=tmp_path))
+    assert line == (f"error: {space}: use_gpu is True, but this machine has no GPU (torch sees none); set use_gpu "
+                    "False to train on the CPU")
+    assert not (tmp_path / "studies").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_more_workers_per_trial_than_cpus_is_refused(tmp_path):
+    import os
+
+    n = (os.cpu_count() or 1) + 1
+    space = tmp_path / "wide.py"
+    text = SMALL % f", 'num_workers': {n}, 'batch_size': 4"
+    space.write_text(text.replace("'batch_size': 4", f"'batch_size': {4 * n}"))  # divisible by the workers
+    line = one_error(run(str(space), "--smoke", "--dry-run", cwd=tmp_path))
+    assert line == (f"error: {space}: num_workers={n} workers per trial, but this machine has {n - 1} CPUs: "
+                    "no trial could ever start")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--storage", "afile"],
+     "error: --storage afile: is a file; the study needs a directory (it creates it if absent)"),
+    (["--tracking-uri", "ftp://host/runs"], "error: --tracking-uri ftp://host/runs: not a tracking URI MLflow serves"),
+    (["--tracking-uri", "gopher://alice:s3cret@host/x"],
+     "error: --tracking-uri gopher://alice:***@host/x: not a tracking URI MLflow serves"),
+    (["--address", "127.0.0.1:1"], "error: --address 127.0.0.1:1: no Ray cluster answers there"),
+])
+def test_bad_storage_tracking_uri_and_address_are_refused_before_ray(flags, message, tmp_path):
+    import time
+
+    (tmp_path / "afile").write_text("the user's")
+    space = space_file(tmp_path)
+    t0 = time.monotonic()
+    line = one_error(run(str(space), "--smoke", *flags, cwd=tmp_path))
+    assert line.startswith(message), line
+    assert "s3cret" not in line
+    assert (tmp_path / "afile").read_text() == "the user's" and not (tmp_path / "studies").exists()
+    assert time.monotonic() - t0 < 60  # Ray's own connect would retry for minutes
+
+
+def test_apostrophes_in_the_study_name_and_the_storage_path(tmp_path):
+    """`bob's study` in `/…/o'brien/studies`: planned, refused as existing, resumable (MLflow filters quoted)."""
+    from mlflow.tracking import MlflowClient
+
+    from study import mlflow_runs
+    from study import run as cli
+    from study import space as spaces
+    from study.plan import make_plan
+    from tracking import store
+
+    home = tmp_path / "o'brien"
+    home.mkdir()
+    space = space_file(home)
+    flags = ["--smoke", "--experiment", "bob's study", "--storage", str(home / "studies"),
+             "--tracking-uri", f"sqlite:///{home / 'mlflow.db'}"]
+    r = run(str(space), *flags, "--dry-run", cwd=home)
+    assert r.returncode == 0, r.stderr
+    assert f"""study "bob's study" from {space}""" in r.stdout
+
+    # the study as `study.run` starts it: its MLflow run, with its settings
+    plan, _ = make_plan(cli.parse_args([str(space), *flags, "--dry-run"]), spaces.load(space))
+    client = MlflowClient(plan.tracking_uri)
+    experiment = store.ensure_experiment(client, plan.study, plan.tracking_uri)
+    parent = mlflow_runs.start_study_run(client, experiment, plan.study, plan.settings(spaces.load(space)))
+
+    line = one_error(run(str(space), *flags, cwd=home))
+    assert line == (f"""error: study "bob's study" in {home / 'studies'} already exists (MLflow run {parent}, """
+                    "RUNNING): pass --resume to continue it, or choose another --experiment or --storage for a new "
+                    "study")
+    assert not (home / "studies").exists(), "the refused command left a folder"
+    r = run(str(space), *flags, "--resume", "--dry-run", cwd=home)
+    assert r.returncode == 0, r.stderr
+    assert f"resumes the study's MLflow run {parent} (RUNNING)" in r.stdout

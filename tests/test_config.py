@@ -1,3 +1,5 @@
+from dataclasses import FrozenInstanceError
+
 import pytest
 
 from trainables.config import ConfigError, TrialConfig
@@ -5,8 +7,10 @@ from trainables.config import ConfigError, TrialConfig
 
 def test_defaults_are_valid_and_frozen():
     cfg = TrialConfig()
-    with pytest.raises(Exception):
-        cfg.lr = 1.0  # frozen
+    assert TrialConfig.from_dict(cfg.to_dict()) == cfg  # the defaults pass the checks
+    with pytest.raises(FrozenInstanceError, match="cannot assign to field 'lr'"):
+        cfg.lr = 1.0
+    assert cfg.lr == TrialConfig().lr
 
 
 @pytest.mark.parametrize("values, culprit", [

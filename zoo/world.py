@@ -172,7 +172,55 @@ def write(out: Path, seed: int = 0, n_train: int = 4000, n_eval: int = 400,
     return out
 
 
+def main(argv: list[str]) -> int:
+    """`python -m zoo.world OUT_DIR`: the world (seed 0, the zoo's) written into OUT_DIR, which must be new or
+    empty; anything else is one `error:` line and exit 2, with nothing written.
+
+    A non-empty OUT_DIR is refused, whoever wrote it, rather than written into (it would replace files of the
+    same names) or given a subfolder (the path to pass as --data would not be the one typed): the world is
+    a pure function of the seed, so a complete one never needs writing again, and an interrupted write
+    leaves OUT_DIR as it was, for the world is written into a hidden sibling folder and renamed into place.
+    """
+    import os
+    import shutil
+    import tempfile
+
+    if len(argv) != 1 or argv[0].startswith("-"):
+        print("error: usage: python -m zoo.world OUT_DIR (a new or empty directory)", file=sys.stderr)
+        return 2
+    out = Path(argv[0])
+    if out.exists() and not out.is_dir():
+        print(f"error: {out}: is a file; the world is written into a new or empty directory", file=sys.stderr)
+        return 2
+    if out.is_dir() and any(out.iterdir()):
+        print(f"error: {out}: is not empty; the world is written only into a new or empty directory, "
+              "so that it replaces nothing", file=sys.stderr)
+        return 2
+    parent = out.absolute().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.partial-"))
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700, as a folder the user made
+        try:
+            os.rename(tmp, out)  # replaces an empty OUT_DIR, never a non-empty one
+        except OSError as e:
+            print(f"error: {out}: {e.strerror} (something was written there meanwhile); nothing was written",
+                  file=sys.stderr)
+            return 2
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already, unless the write failed
+    print(out)
+    return 0
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m zoo.world OUT_DIR")
-    print(write(Path(sys.argv[1])))
+    sys.exit(main(sys.argv[1:]))
