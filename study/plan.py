@@ -45,6 +45,10 @@ class Plan:
     resume_status: str = ""
     dry_run: bool = False
     decisions: tuple[str, ...] = field(default_factory=tuple)  # what the plan changed because of the data, said
+    budget_gpu_hours: float | None = None   # the budget in GPU-hours per node (the tighter of the two given)
+    budget_dollars: float | None = None
+    forecaster: object = None               # study.forecast.Forecaster, or None where there is no forecast
+    forecast_note: str = ""                 # why there is none
 
     def settings(self, space) -> dict:
         """The study's settings: logged on its run, and what `--resume` must find unchanged."""
@@ -56,6 +60,12 @@ class Plan:
             values.update({"data": str(Path(self.data_dir).resolve()), "skip_invalid": self.skip_invalid})
         if self.stage1_data:
             values["stage1_data"] = str(Path(self.stage1_data).resolve())
+        if self.budget_gpu_hours is not None:
+            values["budget_gpu_hours"] = self.budget_gpu_hours
+        if self.budget_dollars is not None:
+            values["budget_dollars"] = self.budget_dollars
+        if space.objectives:
+            values["objectives"] = repr(space.objectives)
         return values
 
 
@@ -104,12 +114,48 @@ def make_plan(args, space):
         root = Path(args.data) if args.data else zoo.ensure_world()
         zoo.ensure_zoo()
         report, data, constants, decisions = check_data(root, args, space, storage)
+        forecaster, note = forecast(space, smoke, constants, data, cpus_per_worker, gpus)
+        budget_gpu_hours, budget_dollars = budgets(args, space, example, forecaster, note)
     except BaseException:
         if lock is not None:
             lock.release()
         raise
     return Plan(**{**base, "data": data, "report": report, "constants": constants, "resume_run": resume_run,
-                   "resume_status": resume_status, "decisions": decisions}), lock
+                   "resume_status": resume_status, "decisions": decisions, "forecaster": forecaster,
+                   "forecast_note": note, "budget_gpu_hours": budget_gpu_hours,
+                   "budget_dollars": budget_dollars}), lock
+
+
+def forecast(space, smoke: bool, constants: dict, data, threads: int, gpus: int):
+    """(a study.forecast.Forecaster for the space's trials, or None; why there is none). Calibrates the
+    training rate on this machine (once per model, method and machine; cached) unless DEVICE and MFU are given."""
+    from study import forecast as fc
+    from trainables.config import ConfigError
+
+    try:
+        configs = [cfg.replace(**{k: v for k, v in constants.items() if k in cfg.to_dict()})
+                   for cfg in space.encoding_configs(smoke)]
+    except ConfigError as e:
+        raise BadInput(f"{space.path}: {e}") from None
+    if any(cfg.use_gpu for cfg in configs) and gpus == 0 and space.device is None:
+        return None, ("no cost forecast: the trials train on GPUs and this machine has none to measure; give "
+                      "DEVICE and MFU in the study file (e.g. DEVICE = 'A100', MFU = 0.35)")
+    return fc.make_forecaster(configs, data, space.device, space.mfu, threads,
+                              say=lambda line: print(line, flush=True)), ""
+
+
+def budgets(args, space, example, forecaster, note: str) -> tuple[float | None, float | None]:
+    """(the budget in GPU-hours per node, in dollars): the flags, else the study file's; the tighter one rules,
+    converted at the trials' price per node-hour. A budget needs a forecast (it counts running trials by it)."""
+    hours = args.budget_gpu_hours if args.budget_gpu_hours is not None else space.budget_gpu_hours
+    dollars = args.budget_dollars if args.budget_dollars is not None else space.budget_dollars
+    if hours is None and dollars is None:
+        return None, None
+    if forecaster is None:
+        raise BadInput(f"a budget needs the cost forecast, and there is none ({note})")
+    limits = [h for h in (hours, dollars / example.price_per_node_hour if dollars is not None else None)
+              if h is not None]
+    return min(limits), dollars
 
 
 # Tracking URI schemes MLflow's client serves (a bare path is its file store, resolved to file:// first).
@@ -176,6 +222,9 @@ def check_data(root: Path, args, space, storage: Path):
     if data is None:
         raise BadInput(report.first_error_line().removeprefix("error: "))
     constants, decisions = dict(space.constants(args.smoke)), list(report.notes)
+    if "text_score" in space.goals() and not data.used("text_eval"):
+        raise BadInput(f"{space.path}: the search optimises text_score, but {root} has no text_eval.json "
+                       "(language-only records to score it on)")
     if not data.stage1:
         if "stage1_steps" in space.space:
             raise BadInput(f"{space.path}: SPACE['stage1_steps'] is searched, but there are no caption pairs for "
@@ -200,7 +249,10 @@ def check_data(root: Path, args, space, storage: Path):
 def check_resume(args, space, plan: Plan):
     """A study is its name in --storage: refuse to start one that exists, and resume only one that exists,
     is unfinished and has the settings this command gives. Returns (the study's lock, held for this
-    driver, or None on a dry run; the MLflow run to continue or None; its status)."""
+    driver, or None on a dry run; the MLflow run to continue or None; its status).
+
+    Decided twice: first only looking, so that a refused command creates nothing (no storage folder, no
+    lock file); then again holding the lock, which no other driver of the study can hold meanwhile."""
     from filelock import Timeout
 
     from study.study import hold_lock
@@ -208,16 +260,23 @@ def check_resume(args, space, plan: Plan):
 
     storage = plan.storage
     name, where = plan.study, f"study {plan.study!r} in {storage}"
-    try:
-        lock = hold_lock(storage, name, create=not args.dry_run)
-    except Timeout:
-        raise BadInput(f"{where} is running in another process; wait for it, or stop it and pass --resume") from None
-    try:
-        run = _resumable(args, space, plan, store.find_study(plan.tracking_uri, name, str(storage)), where)
-    except BaseException:
-        if lock is not None:
-            lock.release()
-        raise
+
+    def decide(create: bool):
+        try:
+            lock = hold_lock(storage, name, create=create)
+        except Timeout:
+            raise BadInput(f"{where} is running in another process; wait for it, or stop it and pass --resume") \
+                from None
+        try:
+            return lock, _resumable(args, space, plan, store.find_study(plan.tracking_uri, name, str(storage)), where)
+        except BaseException:
+            if lock is not None:
+                lock.release()  # and what taking it created (study.study.StudyLock)
+            raise
+
+    lock, run = decide(create=False)
+    if not args.dry_run:
+        lock, run = decide(create=True)
     return lock, (run.info.run_id if run else None), (run.info.status if run else "")
 
 
@@ -265,10 +324,38 @@ def print_plan(plan: Plan, space) -> None:
     print(f"  cost is logged per trial as gpu_hours (device-hours / {ex.devices_per_node} per node) and "
           f"dollars (${ex.price_per_node_hour}/node-hour)")
     print(f"  example trial: {ex}")
+    print_forecast(plan, space)
     if plan.resume_run is not None:
         print(f"  resumes the study's MLflow run {plan.resume_run} ({plan.resume_status}): "
               "finished and failed trials are kept, interrupted ones run again")
     print_data(plan)
+
+
+def print_forecast(plan: Plan, space) -> None:
+    """The cost forecast: per kind of trial (model, method, tower) and for the study, with the budget."""
+    f = plan.forecaster
+    if f is None:
+        print(f"  {plan.forecast_note}")
+        return
+    where = (f"{f.device} at MFU {f.mfu:g} (peak x MFU)" if f.mfu is not None else
+             "rates measured on this machine")
+    print(f"  forecast (training FLOPs / sustained FLOP/s; {where}):")
+    costs = []
+    for cfg in space.encoding_configs(plan.smoke):
+        cfg = cfg.replace(**{k: v for k, v in plan.constants.items() if k in cfg.to_dict() and k not in space.space})
+        hours = f.gpu_hours(cfg)
+        costs.append(hours)
+        tflops = sum(f.flops(cfg).values()) / 1e12
+        print(f"    {cfg.method} {cfg.model_size} @{cfg.image_size}px: {tflops:.3g} TFLOPs, "
+              f"{hours:.3g} GPU-hours per node, ${hours * cfg.price_per_node_hour:.4g} per trial "
+              f"(rate {f.rate(cfg) / 1e9:,.1f} GFLOP/s per device)")
+    low, high = min(costs) * plan.num_samples, max(costs) * plan.num_samples
+    price = plan.example.price_per_node_hour
+    print(f"    study of {plan.num_samples} trials: {low:.3g} to {high:.3g} GPU-hours per node "
+          f"(${low * price:.4g} to ${high * price:.4g})")
+    if plan.budget_gpu_hours is not None:
+        print(f"  budget: {plan.budget_gpu_hours:.3g} GPU-hours per node (${plan.budget_gpu_hours * price:.4g}): "
+              "trials are launched while spent + running forecasts stay within it")
 
 
 def print_data(plan: Plan, limit: int = 10) -> None:

@@ -2,7 +2,8 @@
 
     python -m study.run search_spaces/lora.py [--smoke] [--num-samples N] [--max-concurrent K]
         [--tracking-uri URI] [--experiment NAME] [--storage DIR] [--address ADDR]
-        [--data DIR [--skip-invalid]] [--stage1-data DIR] [--resume] [--dry-run]
+        [--data DIR [--skip-invalid]] [--stage1-data DIR] [--budget-gpu-hours H] [--budget-dollars D]
+        [--resume] [--dry-run]
 
 Exit 0 when at least one trial finished (failed trials are counted and their MLflow runs
 say why), 2 on bad input (one `error:` line naming the file / record / key / flag), 1 otherwise.
@@ -23,6 +24,9 @@ from pathlib import Path
 # Read when Ray is first imported (study.space imports Ray Tune): trials print similar progress lines, and
 # Ray's deduplication would fold them into "[repeated 4x across cluster]"; keep them all.
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Tune's strict metric check wants every result to hold every searched and scheduled metric; ours hold what their
+# moment has (an interim evaluation, or the final result), and study.space checked the metrics' names up front.
+os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
 
 from study.plan import BadInput  # noqa: E402
 from study.space import SpaceError  # noqa: E402
@@ -49,12 +53,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                          "when the dataset has no captions.json")
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted study of this name in --storage (the same command otherwise)")
-    p.add_argument("--dry-run", action="store_true", help="check everything, print the plan and exit")
+    p.add_argument("--budget-gpu-hours", type=float, metavar="H",
+                   help="launch trials only while spent + running forecasts stay within H GPU-hours per node")
+    p.add_argument("--budget-dollars", type=float, metavar="D",
+                   help="the same in dollars (GPU-hours x the trials' price per node-hour)")
+    p.add_argument("--dry-run", action="store_true", help="check everything, print the plan and the cost "
+                                                          "forecast, and exit")
     args = p.parse_args(argv)
     for flag in ("num_samples", "max_concurrent"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise BadInput(f"--{flag.replace('_', '-')}={value} should be at least 1")
+    for flag in ("budget_gpu_hours", "budget_dollars"):
+        value = getattr(args, flag)
+        if value is not None and not (value > 0 and value != float("inf")):
+            raise BadInput(f"--{flag.replace('_', '-')}={value} should be a positive number")
     return args
 
 

@@ -7,7 +7,13 @@ A space file declares (all optional but SPACE):
     SPACE = {"lr": loguniform(1e-4, 3e-3), "lora_rank": choice([8, 16, 64]), ...}
     SMOKE = {"stage2_steps": 20}   # overrides for --smoke (the smallest budget that runs everything)
     NUM_SAMPLES, MAX_CONCURRENT, METRIC = "score", MODE = "max", SEED
-    SAMPLER = "tpe"                # or "grid" (every combination of choice() values, e.g. Table 3) or "random"
+    SAMPLER = "tpe"                # or "grid" (every combination of choice() values, e.g. Table 3), "random",
+                                   # "nsga2" (several objectives)
+    OBJECTIVES = {"score": "max", "gpu_hours": "min"}   # several objectives instead of METRIC/MODE
+    SCHEDULER = asha(grace_steps=60)    # early stopping on interim evaluations (needs interim_every)
+    BUDGET_GPU_HOURS = 2.0, BUDGET_DOLLARS = 30.0       # stop launching trials when spent (--budget-* win)
+    SEED_POINTS = [{"lora_rank": 16, "lora_alpha": 32, "lr": 2e-4}]   # tried first (the paper's settings)
+    DEVICE = "A100", MFU = 0.35    # the forecast's device and utilisation (default: measured on this machine)
 
 Keys of FIXED / SPACE / SMOKE are TrialConfig fields, and every value a space can
 produce is checked against TrialConfig's ranges here, so a typo or a bad range is an
@@ -26,8 +32,9 @@ from typing import Any
 from trainables.config import ConfigError, TrialConfig, trial_config
 
 STUDY_NAMES = {"NAME", "FIXED", "SPACE", "SMOKE", "NUM_SAMPLES", "MAX_CONCURRENT", "METRIC", "MODE", "SEED",
-               "SAMPLER"}
-SAMPLERS = ("tpe", "grid", "random")
+               "SAMPLER", "OBJECTIVES", "SCHEDULER", "BUDGET_GPU_HOURS", "BUDGET_DOLLARS", "SEED_POINTS", "DEVICE",
+               "MFU"}
+SAMPLERS = ("tpe", "grid", "random", "nsga2")
 # The settings that decide how a trial's data is encoded: its tokenizer, its image tokens, its length budget.
 ENCODING_KEYS = ("model_size", "vision_tower", "image_size", "method", "max_length", "neck_every")
 
@@ -91,6 +98,30 @@ class AlphaPerRank:
         return [m for m in self.multiplier.corners()]
 
 
+@dataclass(frozen=True)
+class ASHA:
+    """Asynchronous successive halving (Li et al. 2020) on the trials' interim evaluations: at stage-2 steps
+    grace_steps x reduction_factor^k, a trial not in the best 1/reduction_factor of those that reached the
+    step is stopped (Ray Tune's ASHAScheduler, time attribute our own `stage2_step`)."""
+    grace_steps: int            # stage-2 steps every trial runs before it can be stopped
+    reduction_factor: float = 3
+    brackets: int = 1
+
+    def scheduler(self, max_steps: int, interim_every: int, smoke: bool = False):
+        """Ray Tune's ASHAScheduler for trials of `max_steps` stage-2 steps. Under --smoke (a few steps) the
+        grace period is one interim evaluation, so a smoke run still stops trials."""
+        from ray.tune.schedulers import ASHAScheduler
+
+        grace = min(interim_every, max_steps) if smoke else self.grace_steps
+        return ASHAScheduler(time_attr="stage2_step", metric="interim_score", mode="max", max_t=max_steps,
+                             grace_period=grace, reduction_factor=self.reduction_factor, brackets=self.brackets)
+
+
+def asha(grace_steps: int, reduction_factor: float = 3, brackets: int = 1) -> ASHA:
+    """`SCHEDULER = asha(grace_steps=60)`: stop trials early on `interim_score` (TrialConfig.interim_every)."""
+    return ASHA(grace_steps, reduction_factor, brackets)
+
+
 def choice(values) -> Choice:
     return Choice(tuple(values))
 
@@ -139,19 +170,51 @@ class Space:
     mode: str = "max"
     seed: int = 0
     sampler: str = "tpe"
+    objectives: dict | None = None      # {metric: "max" | "min"}; None: METRIC and MODE alone
+    scheduler: ASHA | None = None
+    budget_gpu_hours: float | None = None
+    budget_dollars: float | None = None
+    seed_points: list = field(default_factory=list)
+    device: str | None = None
+    mfu: float | None = None
+
+    def goals(self) -> dict[str, str]:
+        """What the search optimises: OBJECTIVES, or {METRIC: MODE}."""
+        return dict(self.objectives) if self.objectives else {self.metric: self.mode}
 
     def optuna_sampler(self):
-        """TPE by default; a grid walks every combination of the choice() values (a factorial study)."""
+        """TPE by default (multi-objective TPE with several objectives); NSGA-II; a grid walks every combination
+        of the choice() values (a factorial study); random."""
         import optuna
 
         if self.sampler == "grid":
-            return optuna.samplers.GridSampler({k: list(v.values) for k, v in self.space.items()}, seed=self.seed)
+            return optuna.samplers.GridSampler(self.grid(), seed=self.seed)
         if self.sampler == "random":
             return optuna.samplers.RandomSampler(seed=self.seed)
+        if self.sampler == "nsga2":
+            return optuna.samplers.NSGAIISampler(seed=self.seed)
         return optuna.samplers.TPESampler(seed=self.seed, n_startup_trials=4)
 
+    def seed_params(self) -> list[dict]:
+        """SEED_POINTS as Optuna's parameters (alpha given as lora_alpha becomes alpha_per_rank)."""
+        out = []
+        for point in self.seed_points:
+            params = {}
+            for key, spec in self.space.items():
+                if isinstance(spec, AlphaPerRank):
+                    params["alpha_per_rank"] = point[key] / point["lora_rank"]
+                else:
+                    params[key] = point[key]
+            out.append(params)
+        return out
+
+    def grid(self) -> dict[str, list]:
+        """Optuna's parameters and their values for a grid (alpha_per_rank's multipliers under its own name)."""
+        return {("alpha_per_rank" if isinstance(v, AlphaPerRank) else k):
+                list((v.multiplier if isinstance(v, AlphaPerRank) else v).values) for k, v in self.space.items()}
+
     def grid_size(self) -> int:
-        return math.prod(len(v.values) for v in self.space.values())
+        return math.prod(len(v) for v in self.grid().values())
 
     def constants(self, smoke: bool = False) -> dict:
         return {**self.fixed, **(self.smoke if smoke else {})}
@@ -217,7 +280,9 @@ def load(path: str | Path) -> Space:
                   space=dict(ns["SPACE"]), smoke=dict(ns.get("SMOKE", {})),
                   num_samples=ns.get("NUM_SAMPLES", 8), max_concurrent=ns.get("MAX_CONCURRENT"),
                   metric=ns.get("METRIC", "score"), mode=ns.get("MODE", "max"), seed=ns.get("SEED", 0),
-                  sampler=ns.get("SAMPLER", "tpe"))
+                  sampler=ns.get("SAMPLER", "tpe"), objectives=ns.get("OBJECTIVES"), scheduler=ns.get("SCHEDULER"),
+                  budget_gpu_hours=ns.get("BUDGET_GPU_HOURS"), budget_dollars=ns.get("BUDGET_DOLLARS"),
+                  seed_points=ns.get("SEED_POINTS", []), device=ns.get("DEVICE"), mfu=ns.get("MFU"))
     validate(space)
     return space
 
@@ -245,10 +310,12 @@ def validate(space: Space) -> None:
     if better and better != space.mode:
         raise SpaceError(f"{path}: MODE={space.mode!r} with METRIC={space.metric!r}, where "
                          f"{'higher' if better == 'max' else 'lower'} is better: MODE={better!r}")
+    _validate_search(space)
     if space.sampler not in SAMPLERS:
         raise SpaceError(f"{path}: SAMPLER={space.sampler!r} should be one of {', '.join(SAMPLERS)}")
     if space.sampler == "grid":
-        odd = [k for k, v in space.space.items() if not isinstance(v, Choice)]
+        odd = [k for k, v in space.space.items() if not isinstance(v, Choice) and not (
+            isinstance(v, AlphaPerRank) and isinstance(v.multiplier, Choice))]
         if odd:
             raise SpaceError(f"{path}: SPACE[{odd[0]!r}]: SAMPLER='grid' needs choice() values for every key")
     for name, value, low in (("NUM_SAMPLES", space.num_samples, 1), ("MAX_CONCURRENT", space.max_concurrent, 1),
@@ -299,6 +366,77 @@ def validate(space: Space) -> None:
                 else:
                     _check(path, f"SPACE[{key!r}]", {**base, key: value}, key)
         _check_combinations(space, base)
+
+
+def _validate_search(space: Space) -> None:
+    """OBJECTIVES, SCHEDULER, the budgets, SEED_POINTS, DEVICE and MFU (study.search, study.forecast)."""
+    from study.forecast import PEAK_FLOPS
+    from tracking import metrics
+
+    path = space.path
+    if space.objectives is not None:
+        if not isinstance(space.objectives, dict) or len(space.objectives) < 1:
+            raise SpaceError(f"{path}: OBJECTIVES={space.objectives!r} should be a dict of metric -> 'max' or 'min'")
+        finals = sorted(m.name for m in metrics.METRICS.values() if not m.per_step and m.stage != "study")
+        for name, mode in space.objectives.items():
+            if name not in finals:
+                raise SpaceError(f"{path}: OBJECTIVES[{name!r}]: not a metric a trial reports at its end "
+                                 f"(one of: {', '.join(finals)})")
+            if mode not in ("max", "min"):
+                raise SpaceError(f"{path}: OBJECTIVES[{name!r}]={mode!r} should be 'max' or 'min'")
+            better = metrics.METRICS[name].direction
+            if better and better != mode:
+                raise SpaceError(f"{path}: OBJECTIVES[{name!r}]={mode!r}, but {'higher' if better == 'max' else 'lower'}"
+                                 f" {name} is better: {better!r}")
+    if space.sampler == "nsga2" and len(space.goals()) < 2:
+        raise SpaceError(f"{path}: SAMPLER='nsga2' is for several OBJECTIVES; with one metric use 'tpe'")
+    if space.scheduler is not None:
+        if not isinstance(space.scheduler, ASHA):
+            raise SpaceError(f"{path}: SCHEDULER={space.scheduler!r} should be asha(grace_steps=...) from study.space")
+        if not (isinstance(space.scheduler.grace_steps, int) and space.scheduler.grace_steps >= 1
+                and space.scheduler.reduction_factor > 1 and space.scheduler.brackets >= 1):
+            raise SpaceError(f"{path}: SCHEDULER={space.scheduler}: grace_steps >= 1, reduction_factor > 1, "
+                             "brackets >= 1")
+        for smoke in (False, True):
+            every = space.constants(smoke).get("interim_every", 0) if "interim_every" not in space.space else None
+            if not every:
+                raise SpaceError(f"{path}: SCHEDULER needs interim evaluations: set interim_every (stage-2 steps "
+                                 f"between them) in FIXED{' or SMOKE' if smoke else ''}")
+        steps = space.values_of("stage2_steps")
+        if space.scheduler.grace_steps >= min(steps):
+            raise SpaceError(f"{path}: SCHEDULER's grace_steps={space.scheduler.grace_steps} should be fewer than "
+                             f"the stage-2 steps ({min(steps)}): no trial could be stopped")
+    for name in ("budget_gpu_hours", "budget_dollars"):
+        value = getattr(space, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value) or value <= 0):
+            raise SpaceError(f"{path}: {name.upper()}={value!r} should be a positive number")
+    if space.device is not None and space.device not in PEAK_FLOPS:
+        raise SpaceError(f"{path}: DEVICE={space.device!r} is not in the table of devices "
+                         f"({', '.join(PEAK_FLOPS)}); leave it out to measure this machine")
+    if space.mfu is not None and (isinstance(space.mfu, bool) or not isinstance(space.mfu, (int, float))
+                                  or not 0 < space.mfu <= 1):
+        raise SpaceError(f"{path}: MFU={space.mfu!r} should be a share of the device's peak, in (0, 1]")
+    if (space.device is None) != (space.mfu is None):
+        raise SpaceError(f"{path}: DEVICE and MFU go together (the forecast's rate is the device's peak x MFU); "
+                         "leave both out to measure this machine")
+    if not isinstance(space.seed_points, list):
+        raise SpaceError(f"{path}: SEED_POINTS should be a list of dicts of SPACE keys")
+    for n, point in enumerate(space.seed_points):
+        where = f"{path}: SEED_POINTS[{n}]"
+        if not isinstance(point, dict) or set(point) != set(space.space):
+            keys = sorted(point) if isinstance(point, dict) else point
+            raise SpaceError(f"{where}: {keys!r} should give exactly the SPACE keys {sorted(space.space)}")
+        for key, spec in space.space.items():
+            value = point[key]
+            if isinstance(spec, AlphaPerRank):
+                value = value / point["lora_rank"]
+                spec = spec.multiplier
+            if isinstance(spec, Choice) and value not in spec.values:
+                raise SpaceError(f"{where}[{key!r}]={point[key]!r} is not one of the choice() values {spec.values}")
+            if isinstance(spec, (Float, Int)) and not spec.low <= value <= spec.high:
+                raise SpaceError(f"{where}[{key!r}]={point[key]!r} is outside [{spec.low}, {spec.high}]")
+        _check(path, f"SEED_POINTS[{n}]", {**space.constants(), **point})
 
 
 def _all_values(spec) -> list:

@@ -82,6 +82,20 @@ _SPECS = [
                "computed stage 1 (not when it came from the cache)", "stage-1 loss", "{:.3f}", per_step=True),
     MetricSpec("skipped_records", "records", NEITHER, "study", "records --skip-invalid dropped (the study's run; "
                "ids and reasons in its artifact data/skipped.json)", "skipped records", "{:.0f}"),
+    MetricSpec("best_score", "0-100", MAX, "study", "the highest score of the study's finished trials (the study's "
+               "run, logged when it ends; its description holds the frontier table)", "best score (0-100)", "{:.1f}"),
+    MetricSpec("frontier_size", "trials", NEITHER, "study", "trials on the frontier of score vs gpu_hours (tag "
+               "on_frontier = true on their runs)", "trials on the frontier", "{:.0f}"),
+    MetricSpec("trials_finished", "trials", NEITHER, "study", "trials that ran to their final evaluation",
+               "finished trials", "{:.0f}"),
+    MetricSpec("trials_failed", "trials", NEITHER, "study", "trials that failed (tag failure_reason on their runs)",
+               "failed trials", "{:.0f}"),
+    MetricSpec("trials_pruned", "trials", NEITHER, "study", "trials an early-stopping scheduler stopped (Optuna's "
+               "PRUNED; tag stopped_early on their runs)", "pruned trials", "{:.0f}"),
+    MetricSpec("total_gpu_hours", "GPU-hours per node", MIN, "study", "gpu_hours summed over the study's trials: "
+               "finished, failed or stopped early (not repeats answered from an earlier trial)",
+               "GPU-hours per node spent", "{:.2e}"),
+    MetricSpec("total_dollars", "$", MIN, "study", "dollars summed over the same trials", "cost spent ($)", "{:.4f}"),
 ]
 METRICS: dict[str, MetricSpec] = {m.name: m for m in _SPECS}
 

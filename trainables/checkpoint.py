@@ -49,7 +49,8 @@ TRIAL = "trial.json"
 LOSS_SCALER = "loss_scaler"  # DeepSpeed's key; an object, not data (see `capture`)
 SLICES = "param_slice_mappings"  # DeepSpeed's key: trained weight name -> its place in the flat partition
 # Config keys that may differ between the run that saved a checkpoint and the one that resumes it.
-MAY_DIFFER = ("checkpoint_every", "max_worker_failures", "loader_workers", "eval_batch_size")
+MAY_DIFFER = ("checkpoint_every", "max_worker_failures", "loader_workers", "eval_batch_size", "interim_every",
+              "interim_samples")
 
 
 class CheckpointMismatch(ValueError):
@@ -244,15 +245,16 @@ class Saver:
     def due(self, done: int, steps: int) -> bool:
         return self.every > 0 and (done % self.every == 0 or done == steps)
 
-    def save(self, engine, progress: Progress) -> float:
-        """Write and report this rank's shard; returns its size in MB."""
+    def save(self, engine, progress: Progress, metrics: dict | None = None) -> float:
+        """Write and report this rank's shard (with `metrics`, e.g. an interim evaluation's); its size in MB."""
         from trainables.methods import dir_mb
 
         with tempfile.TemporaryDirectory(prefix="stage2-checkpoint-") as tmp:
             write(Path(tmp), engine, progress, self.cfg, self.rank, self.world)
             size = dir_mb(Path(tmp))
-            # No `score` yet: driver.FinalReportCallback keeps checkpoint reports away from Tune.
-            self.report({"stage2_step": progress.step, "train_loss": progress.losses[-1]}, Path(tmp))
+            # driver.tune_report_callback forwards this to Tune only when it carries an interim evaluation.
+            self.report({"stage2_step": progress.step, "train_loss": progress.losses[-1], **(metrics or {})},
+                        Path(tmp))
         return size
 
 
@@ -280,6 +282,8 @@ def latest() -> Iterator[Path | None]:
 # are retried: RuntimeError (a collective broken by a dead peer, CUDA), OSError (storage),
 # MemoryError.
 RETRIED = (RuntimeError, OSError, MemoryError)
+# Not errors: a trial the study's scheduler stopped ends its workers this way (trainables.worker.StoppedEarly).
+NOT_ERRORS = ("StoppedEarly",)
 FAILED = "failed.json"
 
 
@@ -296,7 +300,7 @@ def no_repeats(run_dir: Path) -> Iterator[None]:
     try:
         yield
     except Exception as error:
-        if not isinstance(error, RETRIED):
+        if not isinstance(error, RETRIED) and type(error).__name__ not in NOT_ERRORS:
             run_dir.mkdir(parents=True, exist_ok=True)
             tmp = run_dir / f"{FAILED}.{os.getpid()}"  # every rank may meet it: each writes whole, then renames
             kind = f"{type(error).__module__}:{type(error).__qualname__}"

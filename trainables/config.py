@@ -64,6 +64,11 @@ class TrialConfig:
     max_new_tokens: int = _doc("greedy-decoding budget per answer", default=8)
     eval_batch_size: int = _doc("prompts per generate() call in evaluation (answers are the same at any size)",
                                 default=32)
+    interim_every: int = _doc("stage-2 steps between interim evaluations on a small fixed eval subset, reported to "
+                              "Ray Tune as `interim_score` (what an early-stopping scheduler such as ASHA judges "
+                              "trials by; 0 = none)", default=0)
+    interim_samples: int = _doc("held-out samples of each interim evaluation (the first ones of the eval split)",
+                                default=32)
     seed: int = _doc("seed of data order, LoRA init and dropout", default=0)
     # --- where and how it runs ---
     num_workers: int = _doc("Ray Train workers (data-parallel ranks) per trial", default=1)
@@ -119,6 +124,8 @@ class TrialConfig:
             "eval_samples": self.eval_samples >= 0,
             "max_new_tokens": self.max_new_tokens > 0,
             "eval_batch_size": self.eval_batch_size > 0,
+            "interim_every": self.interim_every >= 0,
+            "interim_samples": self.interim_samples > 0,
             "loader_workers": self.loader_workers >= 0,
             "placement_strategy": self.placement_strategy in PLACEMENT_STRATEGIES,
             "num_workers": self.num_workers > 0,

@@ -29,32 +29,33 @@ class StudyContext:
     storage: str        # the study's storage: stage-1 cache, Ray Train runs (shared by path across nodes)
     data: DataPlan      # the checked data: shards per tokenizer and split (trainables.data.check)
     cpus_per_worker: int = 1
+    local_ray: bool = False  # the study's own Ray on this machine, not a cluster: ranks meet through a file
 
 
-def final_report_callback():
-    """A `TuneReportCallback` that forwards the trial's final result only.
+def tune_report_callback():
+    """A `TuneReportCallback` that forwards to Tune what Tune judges a trial by: interim evaluations
+    (`interim_score` at `stage2_step`, what an early-stopping scheduler reads) and the final result (`score`).
 
-    Every `ray.train.report` would reach Tune as an intermediate result, but the stage-2
-    checkpoint reports carry no `score` yet: Tune's strict metric checking fails a trial
-    whose result lacks the searcher's metric, and `OptunaSearch.on_trial_result` reads it.
-    Checkpoints are Ray Train's business (it restores workers from them), so reports that
-    carry one stay there; the final report has none, and it is the last.
+    A checkpoint-only report stays with Ray Train (it restores workers from it); one that also carries an
+    interim evaluation goes to Tune without its checkpoint, which Tune has no use for.
     """
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    class FinalReportCallback(TuneReportCallback):
+    class ResultCallback(TuneReportCallback):
         def after_report(self, run_context, metrics, checkpoint):
-            if checkpoint is None:
-                super().after_report(run_context, metrics, checkpoint)
+            # `metrics`: one dict per worker (rank 0's first); ranks report the same keys
+            if metrics and ("score" in metrics[0] or "interim_score" in metrics[0]):
+                super().after_report(run_context, metrics, None)
 
-    return FinalReportCallback()
+    return ResultCallback()
 
 
 def run_trial(config: dict, study: StudyContext) -> None:
     import ray.tune
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
+    from trainables import rendezvous
     from trainables.worker import train_loop
 
     cfg = trial_config(config)
@@ -68,9 +69,9 @@ def run_trial(config: dict, study: StudyContext) -> None:
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=None if cfg.use_gpu else {"CPU": study.cpus_per_worker},
                                      placement_strategy=cfg.placement_strategy),
-        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        torch_config=rendezvous.torch_config(cfg.use_gpu, storage / name, local=study.local_ray),
         run_config=RunConfig(name=name, storage_path=str(storage),
-                             callbacks=[final_report_callback()],
+                             callbacks=[tune_report_callback()],
                              failure_config=FailureConfig(max_failures=cfg.max_worker_failures),
                              # Ray Train registers a checkpoint once every rank's shard is in, so the latest is whole.
                              checkpoint_config=CheckpointConfig(num_to_keep=1)),

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from trainables import model_card
 from trainables.config import TrialConfig
 from trainables.data.check import DataPlan
 from trainables.data.loader import Collate, SplitDataset, train_loader
@@ -41,6 +42,7 @@ class Ctx:
     log: object      # tracking.trial_log.TrialLog on rank 0, else None
     name: str = ""
     image_tokens: int = 0  # features (and <image> tokens) per image for this trial's tower and method
+    report: object = None  # ray.train.report in a Ray Train worker (every rank calls it), else None
 
     @property
     def tokenizer(self):
@@ -103,12 +105,14 @@ def warmup_cosine(steps: int, warmup_ratio: float):
 
 
 def train(ctx: Ctx, model, groups: list[dict], dataset, steps: int, stage: str,
-          saver=None, resume: Path | None = None) -> tuple[object, float, float]:
+          saver=None, resume: Path | None = None, interim=None) -> tuple[object, float, float]:
     """Train `steps` DeepSpeed steps on `dataset`; returns (engine, seconds, last mean loss).
 
     `saver` (a checkpoint.Saver) checkpoints along the way; with `resume` (a checkpoint
     directory of this trial) the fresh engine is restored from it and training goes on
-    after its step, on the batches an uninterrupted run would see there.
+    after its step, on the batches an uninterrupted run would see there. `interim(engine, step,
+    seconds)` -> metrics (or None when not due) runs an interim evaluation; its metrics are
+    reported (with the checkpoint when one is due at that step). Its time is not training time.
     """
     import deepspeed
 
@@ -150,11 +154,21 @@ def train(ctx: Ctx, model, groups: list[dict], dataset, steps: int, stage: str,
             ctx.log.metric(f"{stage}_loss" if stage != "stage2" else "train_loss", value, step)
         if (step + 1) % window == 0 or step + 1 == steps:
             ctx.say(f"{stage} step {step + 1}/{steps} loss {sum(losses[-window:]) / len(losses[-window:]):.4f}")
+        found = None
+        if interim is not None:
+            started = time.perf_counter()
+            found = interim(engine, step + 1, started - t0)
+            t0 += time.perf_counter() - started  # evaluation is not charged as training
         if saver is not None and saver.due(step + 1, steps):
             if ctx.log is not None:
                 ctx.log.flush()  # every step up to a checkpoint is in MLflow before a resume can start after it
-            size = saver.save(engine, checkpoint.Progress(step + 1, losses[-window:], time.perf_counter() - t0))
+            # the last step's interim result rides with the final result, not here: a scheduler that reached its
+            # last rung would stop the trial on it, before the final result (the score) could be reported
+            size = saver.save(engine, checkpoint.Progress(step + 1, losses[-window:], time.perf_counter() - t0),
+                              found if found is not None and step + 1 < steps else {})
             ctx.say(f"{stage}: checkpoint at step {step + 1}/{steps} ({size:.2f} MB per rank)")
+        elif found is not None and ctx.report is not None and step + 1 < steps:
+            ctx.report(found)  # the last step's goes with the final result
     seconds = time.perf_counter() - t0
     tail = losses[-window:]
     return engine, seconds, sum(tail) / len(tail)
@@ -259,9 +273,53 @@ def mixed(ctx: Ctx):
         n_text / (len(train) + n_text)
 
 
-def stage2(ctx: Ctx, base: Path, saver=None, resume: Path | None = None):
+class StoppedEarly(Exception):
+    """The study's scheduler stopped this trial (its run is tagged `stopped_early`): the workers end here, at
+    the next interim evaluation, instead of training on until Ray kills them, and log nothing more."""
+
+
+def stop_requested(ctx: Ctx) -> bool:
+    """Rank 0 asks the trial's run whether the scheduler stopped it; every rank gets the same answer."""
+    flag = [bool(ctx.log is not None and ctx.log.stopped_early())]
+    if ctx.world > 1:
+        dist.broadcast_object_list(flag, src=0)
+    return flag[0]
+
+
+def interim_evaluation(ctx: Ctx, spent_seconds: float):
+    """`train`'s interim callable for stage 2 (None when the trial has none): every `interim_every` steps and
+    at the last, the score on the first `interim_samples` eval samples, logged as `interim_score` and
+    returned for Ray Tune with the step and the cost spent so far (stage 1's share included), which is what
+    a scheduler stopping the trial there leaves it with."""
+    cfg = ctx.cfg
+    if not cfg.interim_every:
+        return None
+    subset = ctx.dataset("eval", limit=cfg.interim_samples)
+    collate = ctx.collate(left=True)
+
+    def interim(engine, step: int, seconds: float) -> dict | None:
+        if step % cfg.interim_every and step != cfg.stage2_steps:
+            return None
+        if step > cfg.interim_every and stop_requested(ctx):  # decided on an earlier interim report
+            raise StoppedEarly(f"stopped early by the study's scheduler before stage-2 step {step}")
+        found = score_details(engine.module, subset, collate, ctx.tokenizer, cfg.max_new_tokens, ctx.device,
+                              ctx.rank, ctx.world, synced=cfg.zero_stage == 3, batch_size=cfg.eval_batch_size)
+        engine.train()
+        if ctx.log is not None:
+            ctx.log.metric("interim_score", found.score, step)
+            ctx.log.flush()  # in MLflow before Tune hears it: a scheduler may stop the trial on it
+        ctx.say(f"stage2 step {step}/{cfg.stage2_steps}: interim score {found.score:.1f} "
+                f"on {found.questions} samples")
+        return {"interim_score": found.score, "stage2_step": step,
+                **cost(cfg, spent_seconds + seconds, ctx.world)}
+
+    return interim
+
+
+def stage2(ctx: Ctx, base: Path, saver=None, resume: Path | None = None, spent_seconds: float = 0.0):
     """Visual instruction tuning of the stage-1 model with the trial's method (checkpointed by `saver`,
-    continued from the checkpoint `resume`: see `train`); returns (engine, counts, seconds, loss, mix used)."""
+    continued from the checkpoint `resume`: see `train`; interim evaluations when the trial has them, with
+    `spent_seconds` of earlier device time per worker); returns (engine, counts, seconds, loss, mix used)."""
     cfg = ctx.cfg
     method = METHODS[cfg.method]
     model = method.load(base, cfg)
@@ -270,7 +328,7 @@ def stage2(ctx: Ctx, base: Path, saver=None, resume: Path | None = None):
     ctx.say(f"stage 2: {cfg.method} on {len(data):,} samples ({mix:.0%} language-only), "
             f"{sum(counts.values()):,} trainable params")
     engine, seconds, loss = train(ctx, model, param_groups(model, cfg), data, cfg.stage2_steps, "stage2",
-                                  saver, resume)
+                                  saver, resume, interim_evaluation(ctx, spent_seconds))
     check_stage(engine.module, method.stage2)
     return engine, counts, seconds, loss, mix
 
@@ -319,22 +377,25 @@ def cost(cfg: TrialConfig, seconds: float, world: int) -> dict[str, float]:
 
 
 def run(cfg: TrialConfig, rank: int, world: int, device, data: DataPlan, storage: Path, log=None,
-        name: str = "trial", saver=None, resume: Path | None = None, tags: dict | None = None) -> dict:
+        name: str = "trial", saver=None, resume: Path | None = None, tags: dict | None = None,
+        report=None) -> dict:
     """The whole trial on one rank; returns the final metrics (identical on every rank).
 
     `data` is the study's checked data, `storage` its storage (stage-1 cache); `saver`
     checkpoints stage 2; `resume` is the checkpoint a restarted worker goes on from
-    (stage 1 then comes from its cache); `tags` go on the trial's run beside its own."""
+    (stage 1 then comes from its cache); `tags` go on the trial's run beside its own; `report(metrics)`
+    hands interim results to Ray Tune (every rank calls it)."""
     torch.manual_seed(cfg.seed)
     ctx = setup(cfg, rank, world, device, data, storage, log, name)
+    ctx.report = report
     base, s1 = stage1(ctx)
-    engine, counts, seconds, loss, mix = stage2(ctx, base, saver, resume)
+    s1_seconds = s1["seconds"] * s1["world"] / world  # charged to every trial that uses it
+    engine, counts, seconds, loss, mix = stage2(ctx, base, saver, resume, s1_seconds)
     result = evaluate(ctx, engine)
     peak, source = peak_memory_gb(device)
     peak_t = torch.tensor([peak], dtype=torch.float64)
     if world > 1:
         dist.all_reduce(peak_t, op=dist.ReduceOp.MAX)
-    s1_seconds = s1["seconds"] * s1["world"] / world  # charged to every trial that uses it
     result.update(cost(cfg, s1_seconds + seconds, world))
     result.update({
         "stage1_gpu_hours": cost(cfg, s1_seconds, world)["gpu_hours"],
@@ -352,6 +413,8 @@ def run(cfg: TrialConfig, rank: int, world: int, device, data: DataPlan, storage
         ctx.say(f"score {result['score']:.1f}, {result['gpu_hours']:.2e} GPU-hours per node, "
                 f"{result['artifact_mb']:.2f} MB saved")
         if log is not None:
+            model_card.write(artifact, cfg, result, METHODS[cfg.method].base_of(artifact) or str(base),
+                             **log.about())
             log.artifacts(artifact, artifact.name)
             log.finish(result, tags={"device": device_name(device), "peak_mem_source": source,
                                      "stage1_checkpoint": str(base), "world_size": world, **(tags or {})})
@@ -391,8 +454,15 @@ def train_loop(loop_config: dict) -> None:
     log = TrialLog.attach(loop_config["tracking_uri"], loop_config["experiment_id"], loop_config["trial_id"]) \
         if rank == 0 else None
     saver = checkpoint.Saver(cfg.checkpoint_every, cfg, rank, world)
-    with checkpoint.no_repeats(Path(loop_config["run_dir"])), checkpoint.latest() as resume:
-        result = run(cfg, rank, world, ray.train.torch.get_device(), loop_config["data"],
-                     Path(loop_config["storage"]), log, name=loop_config["trial_id"], saver=saver, resume=resume,
-                     tags={"nodes": ",".join(node_ids(world))})
-    ray.train.report(result)  # the last report, the only one with `score` (and without a checkpoint)
+    try:
+        with checkpoint.no_repeats(Path(loop_config["run_dir"])), checkpoint.latest() as resume:
+            result = run(cfg, rank, world, ray.train.torch.get_device(), loop_config["data"],
+                         Path(loop_config["storage"]), log, name=loop_config["trial_id"], saver=saver,
+                         resume=resume, tags={"nodes": ",".join(node_ids(world))}, report=ray.train.report)
+    except StoppedEarly as stopped:
+        if rank == 0:
+            print(f"[{loop_config['trial_id']}] {stopped}", flush=True)
+        return
+    # The last report, the only one with `score`; what a scheduler judges (interim_score at the step) rides along.
+    ray.train.report({**result, "stage2_step": cfg.stage2_steps, **({"interim_score": result["score"]}
+                                                                    if cfg.interim_every else {})})

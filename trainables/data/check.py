@@ -61,6 +61,8 @@ class Split:
     images: str            # the images folder its `image` names resolve in
     rows: int              # rows in the shard
     dropped: tuple[int, ...] = ()  # shard rows a trial never reads (bad records with --skip-invalid, held-out ones)
+    tokens: int = 0        # text tokens over the rows (one <image> token each): what the cost forecast reads
+    image_rows: int = 0    # rows with an image
 
     @property
     def used(self) -> int:
@@ -158,7 +160,8 @@ def check(root: Path, encodings: list[Encoding], *, stage1: Path | None = None, 
             split = enc_splits[src.name]
             skip = report.bad(src.file, src.tag) | (holdout if src.name == "train" else set())
             enc_splits[src.name] = Split(split.name, split.shard, split.images, split.rows,
-                                         tuple(r for r, i in enumerate(src.rows) if i in skip))
+                                         tuple(r for r, i in enumerate(src.rows) if i in skip), split.tokens,
+                                         split.image_rows)
     report.sort()
     if report.problems and not skip_invalid:
         return report, None
@@ -259,8 +262,11 @@ def _tokenized(src: _Source, report: Report, enc: Encoding, storage: Path | None
     target = Path(storage) / "shards" / name if storage is not None else None
     images_root = str((src.root / "images").resolve())
     recs, seen = src.records, set()
+    count = {"tokens": 0, "images": 0}
 
     def measure(length: int, image_at: int, first_label: int, i: int) -> None:
+        count["tokens"] += length
+        count["images"] += image_at >= 0
         why = tokens.length_problem(length, image_at, first_label, enc.image_tokens, enc.max_length, generation)
         if why and (i, why) not in seen:  # one line per record, also when two splits hold it
             seen.add((i, why))
@@ -283,11 +289,15 @@ def _tokenized(src: _Source, report: Report, enc: Encoding, storage: Path | None
         at, first = shard.column("image_at"), shard.column("first_label")
         for r in range(len(index)):
             measure(int(length[r]), int(at[r]), int(first[r]), int(index[r]))
-        return Split(src.name, str(target), images_root, len(index))
+        return Split(src.name, str(target), images_root, len(index), (), count["tokens"], count["images"])
     if target is not None and write:
         cache.ensure(target, lambda tmp: shards.write(tmp, rows()))
-        return Split(src.name, str(target), images_root, len(shards.Shard(target)))
-    return Split(src.name, "", images_root, sum(1 for _ in rows()))  # a dry run: measured, not written
+        if not count["tokens"]:  # built by another process meanwhile: measure it as a reused shard
+            return _tokenized(src, report, enc, storage, False, processes, progress)
+        return Split(src.name, str(target), images_root, len(shards.Shard(target)), (), count["tokens"],
+                     count["images"])
+    n = sum(1 for _ in rows())  # a dry run: measured, not written
+    return Split(src.name, "", images_root, n, (), count["tokens"], count["images"])
 
 
 def _notes(report: Report, found, files, holdout: set[int], stage1) -> None:

@@ -1,0 +1,125 @@
+"""The search's bookkeeping: Optuna told the truth about every trial, a budget kept, stopped trials marked.
+
+`StudySearch` is Ray Tune's OptunaSearch (single- or multi-objective: TPE, NSGA-II, a grid)
+with four changes:
+- a trial's outcome is its last result that carries metrics: a function trainable's return
+  reaches Tune as a bare `done` result, which Tune passes to `on_trial_complete` in its place,
+  so OptunaSearch told every trial of a study PRUNED and TPE never learned from one;
+- a trial that ended without its final result (an early-stopping scheduler stopped it: Tune
+  then reports it complete with its last interim result) is told to Optuna as PRUNED, never
+  COMPLETE with partial metrics; an errored one as FAIL. OptunaSearch itself tells COMPLETE
+  whenever the result holds the metric, and for several objectives a list with holes.
+- interim results are not reported to Optuna (its pruners do not take several objectives;
+  stopping is the scheduler's job, ASHA on `interim_score`).
+- with a budget (GPU-hours per node), a trial is launched only while the cost already spent
+  plus the forecast of the running trials is within it: so the study stops launching when the
+  money is spent and overshoots by at most one trial's cost. A stopped or failed trial's
+  cost counts (the last cost it reported); a repeat (see study.study.study_trial) costs nothing.
+Its state (Optuna's study, the budget's spent and running) is saved and restored with Tune's,
+so `--resume` counts what was spent before.
+
+`StoppedTrials` is a Tune callback that closes the MLflow run of a trial stopped early as
+KILLED, tagged `stopped_early` with the step it reached, with the cost it spent.
+"""
+
+from __future__ import annotations
+
+from ray.tune.callback import Callback
+from ray.tune.search import Searcher
+from ray.tune.search.optuna import OptunaSearch
+
+FINAL = "score"        # only a trial's final result holds it
+REPEAT = "repeat_of"   # a result answered from an identical earlier trial carries its run id
+
+
+class StudySearch(OptunaSearch):
+    def __init__(self, *args, budget_gpu_hours: float | None = None, forecast=None, **kwargs):
+        """OptunaSearch's arguments, plus a budget in GPU-hours per node (None: none) and `forecast(config)`
+        -> GPU-hours per node of a Tune config (study.forecast.Forecaster.gpu_hours_of)."""
+        super().__init__(*args, **kwargs)
+        self.budget_gpu_hours, self.forecast = budget_gpu_hours, forecast
+        self.spent = 0.0                      # GPU-hours per node of ended trials
+        self.running: dict[str, float] = {}   # trial id -> its forecast, while it runs
+        self.last_cost: dict[str, float] = {}  # trial id -> the cost its last result reported
+        self.last_result: dict[str, dict] = {}  # trial id -> its last result with metrics
+        self.budget_exhausted = False
+
+    def committed(self) -> float:
+        return self.spent + sum(self.running.values())
+
+    def suggest(self, trial_id: str):
+        if self.budget_gpu_hours is not None and self.committed() >= self.budget_gpu_hours:
+            if self.running:
+                return None  # ask again when a running trial ends: its forecast may have been too high
+            self.budget_exhausted = True
+            return Searcher.FINISHED
+        config = super().suggest(trial_id)
+        if config is not None and config is not Searcher.FINISHED and self.forecast is not None:
+            self.running[trial_id] = self.forecast(config)
+        return config
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if FINAL in result or "interim_score" in result or REPEAT in result:
+            self.last_result[trial_id] = result
+        if "gpu_hours" in result:
+            self.last_cost[trial_id] = float(result["gpu_hours"])
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        from optuna.trial import TrialState
+
+        if trial_id in self._completed_trials:
+            return
+        if not result or not (FINAL in result or "interim_score" in result or REPEAT in result):
+            # A function trainable's return reaches Tune as a bare `done` result, which Tune hands on here in
+            # place of the last one that carried metrics (OptunaSearch then told every trial PRUNED).
+            result = self.last_result.get(trial_id, result)
+        self.running.pop(trial_id, None)
+        if result and "gpu_hours" in result:
+            self.last_cost[trial_id] = float(result["gpu_hours"])
+        if not (result and result.get(REPEAT)):
+            self.spent += self.last_cost.get(trial_id, 0.0)
+        ot_trial = self._ot_trials[trial_id]
+        metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+        if result and FINAL in result and all(result.get(m) is not None for m in metrics):
+            values = [result[m] for m in metrics]
+            self._ot_study.tell(ot_trial, values if isinstance(self.metric, list) else values[0])
+        else:
+            self._ot_study.tell(ot_trial, state=TrialState.FAIL if error else TrialState.PRUNED)
+        self._completed_trials.add(trial_id)
+
+    def pruned(self) -> int:
+        from optuna.trial import TrialState
+
+        return sum(t.state == TrialState.PRUNED for t in self._ot_study.trials)
+
+
+class StoppedTrials(Callback):
+    """Closes the MLflow run of a trial an early-stopping scheduler stopped: KILLED, tag `stopped_early`
+    (the stage-2 step it reached), and the cost it spent (`gpu_hours`, `dollars` of its last report).
+    Registered after the MLflow callback, which has just closed the run FINISHED."""
+
+    def __init__(self, tracking_uri: str, experiment_id: str):
+        self.tracking_uri, self.experiment_id = tracking_uri, experiment_id
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        result = trial.last_result or {}
+        if FINAL in result or REPEAT in result or "stage2_step" not in result:
+            return
+        from mlflow.tracking import MlflowClient
+
+        from tracking.store import find_trial_run
+
+        client = MlflowClient(self.tracking_uri)
+        run = find_trial_run(client, self.experiment_id, trial.trial_id)
+        if run is None:
+            return
+        step = int(result["stage2_step"])
+        client.set_tag(run.info.run_id, "stopped_early", str(step))  # the workers read it and end (trainables.worker)
+        if "failure_reason" in run.data.tags:  # its workers died when Tune stopped it: not a failure of the trial
+            client.delete_tag(run.info.run_id, "failure_reason")
+        client.set_tag(run.info.run_id, "killed_reason", f"stopped early by the scheduler at stage-2 step {step} "
+                                                          f"(interim_score {result.get('interim_score', 0):.1f})")
+        for key in ("gpu_hours", "dollars"):
+            if key in result:
+                client.log_metric(run.info.run_id, key, float(result[key]), step=step)
+        client.set_terminated(run.info.run_id, status="KILLED")
