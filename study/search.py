@@ -82,10 +82,20 @@ class StudySearch(OptunaSearch):
         metrics = self.metric if isinstance(self.metric, list) else [self.metric]
         if result and FINAL in result and all(result.get(m) is not None for m in metrics):
             values = [result[m] for m in metrics]
-            self._ot_study.tell(ot_trial, values if isinstance(self.metric, list) else values[0])
+            self._tell(ot_trial, values if isinstance(self.metric, list) else values[0])
         else:
-            self._ot_study.tell(ot_trial, state=TrialState.FAIL if error else TrialState.PRUNED)
+            self._tell(ot_trial, state=TrialState.FAIL if error else TrialState.PRUNED)
         self._completed_trials.add(trial_id)
+
+    def _tell(self, ot_trial, *args, **kwargs) -> None:
+        try:
+            self._ot_study.tell(ot_trial, *args, **kwargs)
+        except RuntimeError as e:
+            # Optuna's GridSampler.after_trial calls study.stop() once the last grid point ends, which raises
+            # outside study.optimize(); the trial is stored by then (optuna/study/_tell.py, in a `finally`),
+            # and the grid's end reaches Tune as suggest() returning FINISHED.
+            if "Study.stop" not in str(e):
+                raise
 
     def pruned(self) -> int:
         from optuna.trial import TrialState

@@ -71,6 +71,17 @@ def test_a_trial_stopped_early_is_pruned_and_keeps_its_cost_and_an_errored_one_f
     assert s.spent == pytest.approx(0.4 + 0.2), "a stopped or failed trial's cost still counts"
 
 
+@pytest.mark.parametrize("outcome", ["finished", "failed"])
+def test_the_last_point_of_a_grid_ends_cleanly(outcome):
+    """Optuna's GridSampler stops its study when the last point ends (study.stop(), which raises outside
+    study.optimize): the trial is still told, and nothing reaches Tune (which crashed the study before)."""
+    s = StudySearch(space={"lr": optuna.distributions.CategoricalDistribution([1e-3])},
+                    sampler=optuna.samplers.GridSampler({"lr": [1e-3]}), metric="score", mode="max")
+    assert s.suggest("only") == {"lr": 1e-3}
+    s.on_trial_complete("only", final(40.0, 1.0) if outcome == "finished" else None, error=outcome == "failed")
+    assert states(s) == [TrialState.COMPLETE if outcome == "finished" else TrialState.FAIL]
+
+
 def test_a_single_objective_study_is_told_its_metric():
     s = searcher(objectives=("score",))
     s.suggest("a")
