@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 
@@ -60,7 +61,7 @@ def study_trial(config: dict, study, forecaster=None) -> None:
         ray.tune.report(dict(run.data.metrics))
         return
     cfg = trial_config(config)
-    twin = identical_trial(client, study.experiment_id, run, cfg)
+    twin = identical_trial(client, study.experiment_id, run, cfg, live_since_ms=study.session_start_ms)
     if twin is not None:
         stopped = twin.data.tags.get("stopped_early")
         print(f"[{trial_id}] the same configuration as trial {twin.data.tags.get('mmscale.trial_id')} "
@@ -90,9 +91,12 @@ def study_trial(config: dict, study, forecaster=None) -> None:
         raise
 
 
-def identical_trial(client, experiment_id: str, run, cfg, poll_s: float = 5.0):
+def identical_trial(client, experiment_id: str, run, cfg, poll_s: float = 5.0, live_since_ms: int = 0):
     """The study's earlier trial run with the same configuration (FINISHED, or stopped early; one still RUNNING
-    is waited for), or None. Failed runs and repeats themselves do not count."""
+    is waited for if it started after `live_since_ms`, this session's start), or None. Failed runs and repeats
+    themselves do not count, nor a RUNNING run of an interrupted session: it is an orphan that no one is
+    training (closed when the study ends), or a trial Tune resumes later, which a wait here could block for
+    good (`--max-concurrent 1`)."""
     import time
 
     from tracking.store import trial_runs
@@ -111,7 +115,8 @@ def identical_trial(client, experiment_id: str, run, cfg, poll_s: float = 5.0):
                 same = TrialConfig.from_params(other.data.params) == cfg
             except ValueError:
                 same = False
-            if same and (other.info.status in ("FINISHED", "RUNNING") or "stopped_early" in other.data.tags):
+            live = other.info.status == "RUNNING" and other.info.start_time >= live_since_ms
+            if same and (other.info.status == "FINISHED" or live or "stopped_early" in other.data.tags):
                 twins.append(other)
         done = [t for t in twins if t.info.status in ("FINISHED", "KILLED")
                 and (t.info.status == "FINISHED" or "stopped_early" in t.data.tags)]
@@ -293,7 +298,8 @@ def make_tuner(plan, space, parent: str, experiment_id: str):
     from trainables.driver import StudyContext
 
     study_ctx = StudyContext(tracking_uri=plan.tracking_uri, experiment_id=experiment_id, storage=str(plan.storage),
-                             data=plan.data, cpus_per_worker=plan.cpus_per_worker, local_ray=is_local(plan))
+                             data=plan.data, cpus_per_worker=plan.cpus_per_worker, local_ray=is_local(plan),
+                             session_start_ms=int(time.time() * 1000))
     trainable = tune.with_resources(tune.with_parameters(study_trial, study=study_ctx, forecaster=plan.forecaster),
                                     {"CPU": 0, "memory": 256 * 2**20})
     # ^ the trial's driver only waits on its TorchTrainer: no CPU, so the workers can have them all

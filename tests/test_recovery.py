@@ -128,6 +128,12 @@ def test_resumed_stage2_ends_where_an_uninterrupted_one_does(world_data, process
     assert sum(t.numel() for t in fp32) == sum(r["counts"].values()), "the checkpoint holds more than the trained weights"
     assert shard["progress"]["step"] == n and len(shard["progress"]["losses"]) == max(1, 2 * n // 10)
     assert json.loads((r["saved"] / "trial.json").read_text())["step"] == n
+    # About three times the trained weights (fp32 weights + AdamW's two moments), as BENCHMARKS.md says;
+    # the JSON (RNG states, progress) and the safetensors header are the rest.
+    trained_bytes = 4 * sum(r["counts"].values())
+    size = sum(f.stat().st_size for f in r["saved"].iterdir())
+    assert 3 * trained_bytes <= size <= 3 * trained_bytes + 64 * 1024, (size, trained_bytes)
+    print(f"\n{method} zero{zero_stage}: checkpoint {size / 2**20:.2f} MB for {trained_bytes / 2**20:.2f} MB trained")
 
 
 def test_a_checkpoint_after_the_last_step_resumes_straight_to_evaluation(world_data, process_group, tmp_path,

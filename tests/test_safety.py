@@ -275,7 +275,10 @@ def test_ctrl_c_ends_the_study_cleanly_and_resume_finishes_it(tmp_path, another_
     assert "killed_reason" not in again.data.tags and "score" in again.data.metrics
     kept = client.get_run(failed)  # the failed one was not run again
     assert kept.info.status == "FAILED" and kept.info.end_time == failed_run.info.end_time
-    assert "restarts" not in kept.data.tags and kept.data.tags == failed_run.data.tags
+    assert "restarts" not in kept.data.tags and kept.data.metrics == failed_run.data.metrics
+    # its tags stay, but for `on_frontier`, which every trial's run gets again when a study (or resume) ends
+    assert kept.data.tags.pop("on_frontier") == "false"
+    assert kept.data.tags == {k: v for k, v in failed_run.data.tags.items() if k != "on_frontier"}
 
 
 # --- a killed build blocks nothing ------------------------------------------------------------------------------

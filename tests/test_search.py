@@ -165,6 +165,18 @@ def test_an_identical_earlier_trial_is_found_finished_or_stopped_and_a_running_o
     started = time.monotonic()
     assert identical_trial(client, exp, later, TrialConfig(lr=4e-3), poll_s=0.1).info.run_id == running.info.run_id
     assert time.monotonic() - started >= 0.4, "the twin was still running: waited for"
+    # a RUNNING twin from before this session (the driver was killed) is no one's to wait for
+    stale = trial(TrialConfig(lr=5e-3))
+    session = int(time.time() * 1000) + 1
+    time.sleep(0.01)
+    mine = trial(TrialConfig(lr=5e-3))
+    found = []
+    look = threading.Thread(target=lambda: found.append(identical_trial(
+        client, exp, mine, TrialConfig(lr=5e-3), poll_s=0.1, live_since_ms=session)), daemon=True)
+    look.start()
+    look.join(10)
+    assert found == [None], "waited for a stale RUNNING twin"
+    assert client.get_run(stale.info.run_id).info.status == "RUNNING"
 
 
 def test_flops_follow_the_stage_table():

@@ -30,6 +30,7 @@ class StudyContext:
     data: DataPlan      # the checked data: shards per tokenizer and split (trainables.data.check)
     cpus_per_worker: int = 1
     local_ray: bool = False  # the study's own Ray on this machine, not a cluster: ranks meet through a file
+    session_start_ms: int = 0  # when this driver started the study (or resumed it): runs older are not live
 
 
 def tune_report_callback():
