@@ -12,7 +12,7 @@ lookup in the table that costs the GPU-hours that trial took:
 - random: Optuna's RandomSampler;
 - tpe: TPE on the score alone (what the study did before);
 - mo-tpe: multi-objective TPE on (score max, GPU-hours min);
-- mo-tpe+asha: the same, with ASHA (grace 50 steps, reduction factor 3) replayed on the
+- mo-tpe+asha: the same, with ASHA (grace 100 steps, reduction factor 2; --grace, --reduction) replayed on the
   interim scores: a trial stopped at step s costs stage 1 + s/steps of its stage 2, is told
   to Optuna as PRUNED and stays off the frontier.
 A configuration asked for again is answered from the earlier result at no cost, as the study
@@ -35,7 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).parent.parent
 KEYS = ("model_size", "lora_rank", "alpha_per_rank", "lr")
 CHANCE = 25.0  # the world's held-out split, text alone (zoo/world.py ANSWER_SPACE)
-GRACE, REDUCTION = 50, 3
+GRACE, REDUCTION = 100, 2  # search_spaces/cost.py; 50/3 stopped the best trials here (BENCHMARKS.md)
 
 
 def run_grid(out: Path, storage: Path) -> int:
@@ -99,11 +99,12 @@ class ASHA:
     stops when its interim score is below the (1 - 1/reduction_factor) quantile of the scores recorded there
     before it, then its score is recorded. Replayed by hand: the bench runs no Tune."""
 
-    def __init__(self, max_steps: int):
-        self.rungs, r = [], GRACE
+    def __init__(self, max_steps: int, grace: int = GRACE, reduction: int = REDUCTION):
+        self.reduction = reduction
+        self.rungs, r = [], grace
         while r < max_steps:
             self.rungs.append(r)
-            r *= REDUCTION
+            r *= reduction
         self.seen: dict[int, list[float]] = {r: [] for r in self.rungs}
 
     def stop_step(self, interim: dict[int, float]) -> int | None:
@@ -114,14 +115,15 @@ class ASHA:
             if value is None:
                 continue
             recorded = self.seen[rung]
-            cutoff = np.nanpercentile(recorded, (1 - 1 / REDUCTION) * 100) if recorded else None
+            cutoff = np.nanpercentile(recorded, (1 - 1 / self.reduction) * 100) if recorded else None
             recorded.append(value)
             if cutoff is not None and value < cutoff:
                 return rung
         return None
 
 
-def replay(table: dict, strategy: str, seed: int, budget: float) -> list[dict]:
+def replay(table: dict, strategy: str, seed: int, budget: float, grace: int = GRACE,
+           reduction: int = REDUCTION) -> list[dict]:
     """The trials a strategy runs within `budget` GPU-hours: (cost so far, score or None if stopped, cost)."""
     import optuna
     from optuna.distributions import CategoricalDistribution
@@ -133,7 +135,7 @@ def replay(table: dict, strategy: str, seed: int, budget: float) -> list[dict]:
     sampler = optuna.samplers.RandomSampler(seed=seed) if strategy == "random" else \
         optuna.samplers.TPESampler(seed=seed, n_startup_trials=4)
     study = optuna.create_study(sampler=sampler, directions=["maximize", "minimize"] if several else ["maximize"])
-    asha = ASHA(next(iter(table.values()))["steps"]) if strategy.endswith("asha") else None
+    asha = ASHA(next(iter(table.values()))["steps"], grace, reduction) if strategy.endswith("asha") else None
     spent, log, answered = 0.0, [], {}
     for _ in range(10 * len(table)):  # a sampler that only repeats itself ends the search too
         if spent >= budget:
@@ -141,14 +143,18 @@ def replay(table: dict, strategy: str, seed: int, budget: float) -> list[dict]:
         trial = study.ask(dists)
         key = tuple(trial.params[k] for k in KEYS)
         row = table[key]
-        if key in answered:  # asked again: the earlier result, free
-            study.tell(trial, answered[key])
+        if key in answered:  # asked again: the earlier result (or its stop, told PRUNED again), free
+            if answered[key] is None:
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            else:
+                study.tell(trial, answered[key])
             continue
         stop = asha.stop_step(row["interim"]) if asha else None
         if stop is not None:
             cost = row["stage1"] + row["stage2"] * stop / row["steps"]
             spent += cost
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            answered[key] = None  # study.study.identical_trial: a stopped twin answers a repeat as stopped
             log.append({"spent": spent, "score": None, "cost": cost})
             continue
         spent += row["gpu_hours"]
@@ -159,7 +165,7 @@ def replay(table: dict, strategy: str, seed: int, budget: float) -> list[dict]:
     return log
 
 
-def summarize(table: dict, strategies: list[str], seeds: int) -> str:
+def summarize(table: dict, strategies: list[str], seeds: int, grace: int = GRACE, reduction: int = REDUCTION) -> str:
     total = sum(r["gpu_hours"] for r in table.values())
     best = max(r["score"] for r in table.values())
     ref_cost = max(r["gpu_hours"] for r in table.values()) * 1.001
@@ -172,7 +178,7 @@ def summarize(table: dict, strategies: list[str], seeds: int) -> str:
     for strategy in strategies:
         near, hv25, hv50, to95, stopped = [], [], [], [], []
         for seed in range(seeds):
-            log = replay(table, strategy, seed, total)
+            log = replay(table, strategy, seed, total, grace, reduction)
             done = [(e["spent"], e["cost"], e["score"]) for e in log]
             near.append(next((s for s, c, sc in done if sc is not None and sc >= best - 1), float("nan")) / total)
 
@@ -183,7 +189,9 @@ def summarize(table: dict, strategies: list[str], seeds: int) -> str:
             to95.append(next((s for s, c, sc in done if hv_at(s) >= 0.95), float("nan")) / total)
             stopped.append(sum(e["score"] is None for e in log))
         med = lambda xs: statistics.median(xs)  # noqa: E731
-        lines.append(f"| {strategy} | {med(near):.0%} | {med(hv25):.0%} | {med(hv50):.0%} | {med(to95):.0%} | "
+        share = lambda x: "never" if x != x else f"{x:.0%}"  # noqa: E731 - NaN: not reached in most seeds
+        name = f"{strategy} (grace {grace}, factor {reduction})" if strategy.endswith("asha") else strategy
+        lines.append(f"| {name} | {share(med(near))} | {med(hv25):.0%} | {med(hv50):.0%} | {share(med(to95))} | "
                      f"{med(stopped):g} |")
     return "\n".join(lines)
 
@@ -194,12 +202,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--table", default=str(REPO / "bench" / "search_grid.csv"))
     p.add_argument("--storage", default="/tmp/mmscale-search-grid", help="where the grid study runs (grid)")
     p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--grace", type=int, default=GRACE, help="ASHA's first rung, stage-2 steps")
+    p.add_argument("--reduction", type=int, default=REDUCTION, help="ASHA's reduction factor")
     p.add_argument("--strategies", nargs="+", default=["random", "tpe", "mo-tpe", "mo-tpe+asha"])
     args = p.parse_args(argv)
     if args.command == "grid":
         Path(args.storage).mkdir(parents=True, exist_ok=True)
         return run_grid(Path(args.table), Path(args.storage))
-    print(summarize(load(Path(args.table)), args.strategies, args.seeds))
+    print(summarize(load(Path(args.table)), args.strategies, args.seeds, args.grace, args.reduction))
     return 0
 
 

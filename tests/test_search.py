@@ -199,7 +199,7 @@ def test_flops_follow_the_stage_table():
 
 def test_the_cost_study_file_and_its_refusals(tmp_path):
     space = spaces.load(REPO / "search_spaces" / "cost.py")
-    assert space.goals() == {"score": "max", "gpu_hours": "min"} and space.scheduler.grace_steps == 50
+    assert space.goals() == {"score": "max", "gpu_hours": "min"} and space.scheduler.grace_steps == 100
     assert space.seed_params() == [{"model_size": "1m", "lora_rank": 16, "alpha_per_rank": 2.0, "lr": 3e-3}]
     head = "from study.space import alpha_per_rank, asha, choice, loguniform\n"
     bad = {

@@ -17,8 +17,27 @@ def test_space_file_loads_and_samples(path):
         for smoke in (False, True):
             cfg = space.sample(seed=seed, smoke=smoke)
             assert isinstance(cfg, TrialConfig)
-            for key in space.space:
-                assert key in cfg.to_dict()
+            values = cfg.to_dict()
+            for key, dist in space.space.items():
+                assert within(dist, values[key], values), (path, key, values[key], dist)
+            if not smoke:  # the space file's fixed settings reach the trial as written
+                for key, value in space.fixed.items():
+                    assert values[key] == value, (path, key)
+
+
+def within(dist, value, values) -> bool:
+    """Whether a sampled trial value lies in its declared distribution (study.space's classes)."""
+    from study.space import AlphaPerRank, Choice, Float, Int
+
+    if isinstance(dist, AlphaPerRank):
+        return within(dist.multiplier, value / values["lora_rank"], values)
+    if isinstance(dist, Choice):
+        return value in dist.values
+    if isinstance(dist, Int):
+        return isinstance(value, int) and dist.low <= value <= dist.high
+    if isinstance(dist, Float):
+        return dist.low <= value <= dist.high
+    raise AssertionError(f"a distribution this test does not know: {dist!r}")
 
 
 def test_alpha_as_multiple_of_rank(tmp_path):
