@@ -263,7 +263,6 @@ def calibrate(cfg, data: DataShape, threads: int = 1, say=print) -> float:
 
 def _calibrate_here(job: dict) -> dict:
     """The calibration run itself (in its own process: it opens a one-rank process group)."""
-    import socket
     import tempfile
     import time
 
@@ -279,15 +278,14 @@ def _calibrate_here(job: dict) -> dict:
     cfg = TrialConfig.from_dict(job["cfg"]).replace(num_workers=1, batch_size=max(1, job["cfg"]["batch_size"] //
                                                                                    job["cfg"]["num_workers"]))
     torch.set_num_threads(job["threads"])
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    dist.init_process_group("nccl" if cfg.use_gpu else "gloo", rank=0, world_size=1)
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     device = torch.device("cuda", 0) if cfg.use_gpu else torch.device("cpu")
     processor = build_processor(cfg)
     n_image = image_tokens(cfg, processor)
     with tempfile.TemporaryDirectory() as tmp:
+        # a one-rank group through a file (trainables.rendezvous): no TCP store listening on every interface
+        dist.init_process_group("nccl" if cfg.use_gpu else "gloo", store=dist.FileStore(str(Path(tmp) / "store"), 1),
+                                rank=0, world_size=1)
         base = Path(tmp) / "base"
         build_llava(cfg, processor).save_pretrained(base)
         method = METHODS[cfg.method]
@@ -306,6 +304,7 @@ def _calibrate_here(job: dict) -> dict:
         ctx.cfg = cfg_steps
         worker.train(ctx, model, worker.param_groups(model, cfg_steps), dataset, steps, "calibration",
                      interim=timer)
+        dist.destroy_process_group()
     per_step = (seconds[steps] - seconds[WARMUP_STEPS]) / CALIBRATION_STEPS
     shapes = shapes_of(cfg)
     flops = cfg.batch_size * flops_per_sample(shapes, DataShape(job["tokens"], job["image_share"]),
