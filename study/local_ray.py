@@ -68,13 +68,19 @@ _TOKEN_DIR = "mmscale-ray-auth-"
 logger = logging.getLogger(__name__)
 
 
+def starts_local(address: str | None) -> bool:
+    """Whether `init(address, ...)` starts a local Ray on this machine (no address, no RAY_ADDRESS, or "local")
+    rather than joining a cluster."""
+    return (address or os.environ.get("RAY_ADDRESS") or None) in _LOCAL_ADDRESSES
+
+
 def init(address: str | None, env_vars: dict[str, str]) -> None:
     """Connect to `address` (an existing cluster, unchanged), or start a local Ray bound to loopback
     with token authentication and the dashboard on 127.0.0.1 (see the module's docstring)."""
-    address = address or os.environ.get("RAY_ADDRESS") or None
     common = dict(runtime_env={"env_vars": dict(env_vars)}, log_to_driver=True, configure_logging=True,
                   logging_level="WARNING")
-    if address not in _LOCAL_ADDRESSES:
+    if not starts_local(address):
+        address = address or os.environ.get("RAY_ADDRESS")
         import ray
 
         ray.init(address=address, **common)

@@ -133,8 +133,7 @@ def forecast(space, smoke: bool, constants: dict, data, threads: int, gpus: int)
     from trainables.config import ConfigError
 
     try:
-        configs = [cfg.replace(**{k: v for k, v in constants.items() if k in cfg.to_dict()})
-                   for cfg in space.encoding_configs(smoke)]
+        configs = forecast_configs(space, smoke, constants)
     except ConfigError as e:
         raise BadInput(f"{space.path}: {e}") from None
     if any(cfg.use_gpu for cfg in configs) and gpus == 0 and space.device is None:
@@ -142,6 +141,13 @@ def forecast(space, smoke: bool, constants: dict, data, threads: int, gpus: int)
                       "DEVICE and MFU in the study file (e.g. DEVICE = 'A100', MFU = 0.35)")
     return fc.make_forecaster(configs, data, space.device, space.mfu, threads,
                               say=lambda line: print(line, flush=True)), ""
+
+
+def forecast_configs(space, smoke: bool, constants: dict) -> list:
+    """The kinds of trial a forecast covers: every combination of the settings that decide a trial's shapes
+    (Space.encoding_configs), with the study's constants where the space does not search them (as sampling)."""
+    return [cfg.replace(**{k: v for k, v in constants.items() if k in cfg.to_dict() and k not in space.space})
+            for cfg in space.encoding_configs(smoke)]
 
 
 def budgets(args, space, example, forecaster, note: str) -> tuple[float | None, float | None]:
@@ -341,8 +347,7 @@ def print_forecast(plan: Plan, space) -> None:
              "rates measured on this machine")
     print(f"  forecast (training FLOPs / sustained FLOP/s; {where}):")
     costs = []
-    for cfg in space.encoding_configs(plan.smoke):
-        cfg = cfg.replace(**{k: v for k, v in plan.constants.items() if k in cfg.to_dict() and k not in space.space})
+    for cfg in forecast_configs(space, plan.smoke, plan.constants):
         hours = f.gpu_hours(cfg)
         costs.append(hours)
         tflops = sum(f.flops(cfg).values()) / 1e12

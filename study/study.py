@@ -97,8 +97,6 @@ def identical_trial(client, experiment_id: str, run, cfg, poll_s: float = 5.0, l
     themselves do not count, nor a RUNNING run of an interrupted session: it is an orphan that no one is
     training (closed when the study ends), or a trial Tune resumes later, which a wait here could block for
     good (`--max-concurrent 1`)."""
-    import time
-
     from tracking.store import trial_runs
     from trainables.config import TrialConfig
 
@@ -118,8 +116,7 @@ def identical_trial(client, experiment_id: str, run, cfg, poll_s: float = 5.0, l
             live = other.info.status == "RUNNING" and other.info.start_time >= live_since_ms
             if same and (other.info.status == "FINISHED" or live or "stopped_early" in other.data.tags):
                 twins.append(other)
-        done = [t for t in twins if t.info.status in ("FINISHED", "KILLED")
-                and (t.info.status == "FINISHED" or "stopped_early" in t.data.tags)]
+        done = [t for t in twins if t.info.status == "FINISHED" or "stopped_early" in t.data.tags]
         if done:
             return done[0]
         if not any(t.info.status == "RUNNING" for t in twins):
@@ -202,8 +199,8 @@ def run_study(plan, space, lock=None) -> int:
     held by study.plan) is released at the end; the OS releases it if the driver dies."""
     try:
         parent, experiment_id = open_study_run(plan, space)
-        start_ray(plan)
-        tuner = make_tuner(plan, space, parent, experiment_id)
+        local = start_ray(plan)
+        tuner = make_tuner(plan, space, parent, experiment_id, local)
         status, done = fit(tuner, plan, space, parent, experiment_id)
         code = summarize(plan, space, parent, experiment_id, status, done)
         print_budget(plan, parent, experiment_id)
@@ -244,12 +241,7 @@ def log_skipped(client, parent: str, report) -> None:
         client.log_artifact(parent, str(path), "data")
 
 
-def is_local(plan) -> bool:
-    """Whether the study starts its own Ray on this machine (local_ray.init's rule), not joins a cluster."""
-    return plan.address in (None, "", "local")
-
-
-def start_ray(plan) -> None:
+def start_ray(plan) -> bool:
     """A local Ray on 127.0.0.1 with token authentication, or the cluster at --address (study.local_ray);
     DeepSpeed's CPU op made safe first, so that no trial builds it or waits for a dead builder (trainables.ds_ops).
 
@@ -257,7 +249,9 @@ def start_ray(plan) -> None:
     binds to the address the hostname resolves to; trainables.rendezvous), and the workers are told where their
     Ray is (RAY_ADDRESS): Ray Train's PlacementGroupCleaner asks Ray's State API, which without it looks for
     GCS processes on the machine and fails ("Found multiple active Ray instances", a traceback in the study's
-    output, and no cleanup) whenever another Ray runs here, e.g. a second study."""
+    output, and no cleanup) whenever another Ray runs here, e.g. a second study.
+
+    Returns whether the Ray is local (every trial's ranks on this machine: they meet through a file)."""
     import socket
 
     from study import local_ray
@@ -267,7 +261,7 @@ def start_ray(plan) -> None:
     # also prints it: every progress line reached the terminal twice. Plain prints, once each.
     env = {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1",
            "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "MMSCALE_CACHE": os.environ.get("MMSCALE_CACHE", "")}
-    local = is_local(plan)
+    local = local_ray.starts_local(plan.address)
     if local:
         env["GLOO_SOCKET_IFNAME"] = rendezvous.loopback_interface()
         with socket.socket() as s:  # a free port for the GCS, so that its address is known before Ray starts
@@ -287,10 +281,12 @@ def start_ray(plan) -> None:
         if started != env["RAY_ADDRESS"]:  # a Ray that no longer reads RAY_GCS_SERVER_PORT (tests/test_internals.py)
             raise RuntimeError(f"the local Ray's GCS is at {started}, not at {env['RAY_ADDRESS']} as its workers "
                                "were told")
+    return local
 
 
-def make_tuner(plan, space, parent: str, experiment_id: str):
-    """Tune's saved state restored (--resume), or a new Tuner: Optuna over the space, one trial per config."""
+def make_tuner(plan, space, parent: str, experiment_id: str, local: bool = False):
+    """Tune's saved state restored (--resume), or a new Tuner: Optuna over the space, one trial per config.
+    `local`: the study's Ray is its own on this machine (start_ray's answer)."""
     from ray import tune
 
     from study import mlflow_runs
@@ -298,7 +294,7 @@ def make_tuner(plan, space, parent: str, experiment_id: str):
     from trainables.driver import StudyContext
 
     study_ctx = StudyContext(tracking_uri=plan.tracking_uri, experiment_id=experiment_id, storage=str(plan.storage),
-                             data=plan.data, cpus_per_worker=plan.cpus_per_worker, local_ray=is_local(plan),
+                             data=plan.data, cpus_per_worker=plan.cpus_per_worker, local_ray=local,
                              session_start_ms=int(time.time() * 1000))
     trainable = tune.with_resources(tune.with_parameters(study_trial, study=study_ctx, forecaster=plan.forecaster),
                                     {"CPU": 0, "memory": 256 * 2**20})

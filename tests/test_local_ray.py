@@ -251,8 +251,12 @@ def test_an_address_is_used_as_given(monkeypatch):
     monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
     for var in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS"):
         monkeypatch.delenv(var, raising=False)
+    assert local_ray.starts_local(None) and local_ray.starts_local("local")
+    assert not local_ray.starts_local("10.0.0.5:6379")
     local_ray.init("10.0.0.5:6379", {"A": "1"})
     monkeypatch.setenv("RAY_ADDRESS", "auto")
+    # RAY_ADDRESS alone means a cluster too: the study then keeps Ray Train's TCP rendezvous across nodes
+    assert not local_ray.starts_local(None)
     local_ray.init(None, {"A": "1"})
     assert [c["address"] for c in calls] == ["10.0.0.5:6379", "auto"]
     for c in calls:

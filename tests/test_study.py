@@ -44,12 +44,17 @@ def test_smoke_lora_study(tmp_path):
         assert run.data.tags["device"] == "cpu"
         assert set(TRIAL_PARAMS) <= set(run.data.params)
         assert set(TRIAL_METRICS) <= set(run.data.metrics)
-        assert 0 <= run.data.metrics["score"] <= 100
+        # a smoke trial is too short to beat chance (test_a_tuned_model_beats_chance_on_the_world does that):
+        # its score is a count of the eval questions it got right, and its training loss fell
+        right = run.data.metrics["score"] * int(run.data.params["eval_samples"]) / 100
+        assert right == pytest.approx(round(right)), run.data.metrics["score"]
         assert run.data.metrics["dollars"] == pytest.approx(run.data.metrics["gpu_hours"] * 13.63)
         assert run.data.metrics["trainable_params"] > run.data.metrics["stage1_trainable_params"] > 0
         steps = int(run.data.params["stage2_steps"])
         history = client.get_metric_history(run.info.run_id, "train_loss")
         assert sorted(m.step for m in history) == list(range(steps))
+        losses = [m.value for m in sorted(history, key=lambda m: m.step)]
+        assert losses[-1] < losses[0], losses
         files = {Path(f.path).name for f in client.list_artifacts(run.info.run_id, "adapter")}
         assert {"adapter_config.json", "adapter_model.safetensors"} <= files
     # the study's run carries the frontier plot and table

@@ -1,5 +1,7 @@
 """A trial's stages on a real one-rank gloo group with real DeepSpeed (ZeRO-2) and PEFT, zoo's smallest LLM."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from transformers import LlavaForConditionalGeneration
@@ -12,7 +14,7 @@ from trainables.model import build_llava
 
 @pytest.fixture(scope="module")
 def trial(world_data, process_group, tmp_path_factory):
-    cfg = TrialConfig(model_size="0.3m", stage1_steps=6, stage2_steps=6, batch_size=8, eval_samples=16, lr=3e-3)
+    cfg = TrialConfig(model_size="0.3m", stage1_steps=6, stage2_steps=80, batch_size=16, eval_samples=96, lr=3e-3)
     ctx = worker.setup(cfg, 0, 1, torch.device("cpu"), world_data, tmp_path_factory.mktemp("storage"))
     initial = {k: v.clone() for k, v in build_llava(cfg, ctx.processor).state_dict().items()}
     base, meta = worker.stage1(ctx)
@@ -57,5 +59,9 @@ def test_stage2_lora_leaves_base_weights_untouched(trial):
     assert counts["projector"] == meta["trainable_params"]
     scores = worker.evaluate(ctx, engine)
     assert set(scores) == {"score", "text_score", "multiple_choice", "unparsed"}
-    assert 0 <= scores["score"] <= 100 and 0 <= scores["text_score"] <= 100
+    # Stage 2 must beat the model it started from (stage 1's output, scored the same way).
+    untuned = worker.evaluate(ctx, SimpleNamespace(module=LlavaForConditionalGeneration.from_pretrained(base).eval()))
+    print(f"\nscore {scores['score']:.1f} (stage 1 only: {untuned['score']:.1f}), "
+          f"text_score {scores['text_score']:.1f} (stage 1 only: {untuned['text_score']:.1f})")
+    assert scores["score"] >= untuned["score"] + 5, (scores, untuned)  # measured 31.2 against 21.9 on 96
     assert scores["multiple_choice"] == scores["unparsed"] == 0  # the world asks short-answer questions

@@ -162,13 +162,11 @@ def train(ctx: Ctx, model, groups: list[dict], dataset, steps: int, stage: str,
         if saver is not None and saver.due(step + 1, steps):
             if ctx.log is not None:
                 ctx.log.flush()  # every step up to a checkpoint is in MLflow before a resume can start after it
-            # the last step's interim result rides with the final result, not here: a scheduler that reached its
-            # last rung would stop the trial on it, before the final result (the score) could be reported
             size = saver.save(engine, checkpoint.Progress(step + 1, losses[-window:], time.perf_counter() - t0),
-                              found if found is not None and step + 1 < steps else {})
+                              found or {})
             ctx.say(f"{stage}: checkpoint at step {step + 1}/{steps} ({size:.2f} MB per rank)")
-        elif found is not None and ctx.report is not None and step + 1 < steps:
-            ctx.report(found)  # the last step's goes with the final result
+        elif found is not None and ctx.report is not None:
+            ctx.report(found)
     seconds = time.perf_counter() - t0
     tail = losses[-window:]
     return engine, seconds, sum(tail) / len(tail)
@@ -287,8 +285,8 @@ def stop_requested(ctx: Ctx) -> bool:
 
 
 def interim_evaluation(ctx: Ctx, spent_seconds: float):
-    """`train`'s interim callable for stage 2 (None when the trial has none): every `interim_every` steps and
-    at the last, the score on the first `interim_samples` eval samples, logged as `interim_score` and
+    """`train`'s interim callable for stage 2 (None when the trial has none): every `interim_every` steps
+    before the last, the score on the first `interim_samples` eval samples, logged as `interim_score` and
     returned for Ray Tune with the step and the cost spent so far (stage 1's share included), which is what
     a scheduler stopping the trial there leaves it with."""
     cfg = ctx.cfg
@@ -298,7 +296,9 @@ def interim_evaluation(ctx: Ctx, spent_seconds: float):
     collate = ctx.collate(left=True)
 
     def interim(engine, step: int, seconds: float) -> dict | None:
-        if step % cfg.interim_every and step != cfg.stage2_steps:
+        if step % cfg.interim_every or step >= cfg.stage2_steps:
+            # none at the last step: the final result carries it (interim_score = score), for a scheduler that
+            # reached its last rung would stop the trial on an interim report before the score was reported
             return None
         if step > cfg.interim_every and stop_requested(ctx):  # decided on an earlier interim report
             raise StoppedEarly(f"stopped early by the study's scheduler before stage-2 step {step}")
