@@ -78,7 +78,9 @@ def report_markdown(front: Frontier, title: str) -> str:
                 "## Frontier (cheapest first)\n", tables.to_markdown(frontier_table(front)),
                 "## Score and cost by model size x method x LoRA rank\n",
                 "Costs are means over each row's trials.\n", tables.to_markdown(tables.by_size_method(front.trials)),
-                "## Effect of each factor\n", tables.to_markdown(tables.factor_effects(front.trials))]
+                "## Effect of each factor\n", tables.to_markdown(tables.factor_effects(front.trials),
+                                                                   "no factor of the table (" + ", ".join(tables.FACTORS)
+                                                                   + ") took two values among the finished trials")]
     forecast = tables.forecast_vs_measured(front.trials)
     if not forecast.empty:
         sections += ["## Forecast vs measured cost per trial\n",

@@ -89,7 +89,12 @@ def load_trials(tracking_uri: str | None, experiment: str, parent_run_id: str | 
 
 
 def _require_local_store(uri: str) -> None:
-    """Reading must not create: MLflow would make an empty store at a mistyped local path."""
+    """Reading must not create: MLflow would make an empty store at a mistyped local path; and a server must
+    answer (MLflow's client retries a dead one for minutes)."""
+    from tracking.store import server_problem
+
+    if (problem := server_problem(uri)) is not None:
+        raise AnalysisError(f"{problem} (tracking URI {uri})")
     local = {"sqlite:///": uri[len("sqlite:///"):], "file://": uri[len("file://"):]}
     for scheme, path in local.items():
         if uri.startswith(scheme) and not Path(unquote(path)).exists():

@@ -148,10 +148,11 @@ def show(table: pd.DataFrame) -> Shown:
     return Shown(table)
 
 
-def to_markdown(table: pd.DataFrame) -> str:
-    """A GitHub-flavoured Markdown table (pandas' to_markdown would need `tabulate` at run time)."""
+def to_markdown(table: pd.DataFrame, empty: str = "no finished trials") -> str:
+    """A GitHub-flavoured Markdown table (pandas' to_markdown would need `tabulate` at run time); `empty`
+    says why there is none."""
     if table.empty:
-        return "_(no finished trials)_\n"
+        return f"_({empty})_\n"
     view = formatted(table).astype(str)
     lines = ["| " + " | ".join(view.columns) + " |", "|" + "|".join("---" for _ in view.columns) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in view.itertuples(index=False)]

@@ -209,6 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "grid":
         Path(args.storage).mkdir(parents=True, exist_ok=True)
         return run_grid(Path(args.table), Path(args.storage))
+    if not Path(args.table).is_file():
+        print(f"error: --table {args.table}: no such file (make it with `python -m bench.search grid`)",
+              file=sys.stderr)
+        return 2
     print(summarize(load(Path(args.table)), args.strategies, args.seeds, args.grace, args.reduction))
     return 0
 

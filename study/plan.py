@@ -176,6 +176,10 @@ def check_tracking_uri(uri: str, flag: str) -> None:
     if scheme not in TRACKING_SCHEMES:
         raise BadInput(f"{flag} {mask_credentials(uri)}: not a tracking URI MLflow serves (use sqlite:///PATH, a "
                        f"directory, or {', '.join(s + '://...' for s in TRACKING_SCHEMES[2:])})")
+    from tracking.store import server_problem
+
+    if (problem := server_problem(uri)) is not None:
+        raise BadInput(f"{flag} {mask_credentials(uri)}: {problem}")
     if scheme == "sqlite" and uri.startswith("sqlite:///"):
         db = Path(uri[len("sqlite:///"):])
         if db.is_dir() or (not db.parent.is_dir() and db.parent.exists()):

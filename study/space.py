@@ -433,7 +433,10 @@ def _validate_search(space: Space) -> None:
                 value = value / point["lora_rank"]
                 spec = spec.multiplier
             if isinstance(spec, Choice) and value not in spec.values:
-                raise SpaceError(f"{where}[{key!r}]={point[key]!r} is not one of the choice() values {spec.values}")
+                ratio = f" (alpha_per_rank {value:g} = {point[key]!r} / lora_rank {point['lora_rank']!r})" \
+                    if isinstance(space.space[key], AlphaPerRank) else ""
+                raise SpaceError(f"{where}[{key!r}]={point[key]!r}{ratio} is not one of the choice() values "
+                                 f"{spec.values}")
             if isinstance(spec, (Float, Int)) and not spec.low <= value <= spec.high:
                 raise SpaceError(f"{where}[{key!r}]={point[key]!r} is outside [{spec.low}, {spec.high}]")
         _check(path, f"SEED_POINTS[{n}]", {**space.constants(), **point})

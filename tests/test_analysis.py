@@ -202,6 +202,13 @@ def test_forecast_vs_measured_per_trial(store):
     assert tables.forecast_vs_measured(synthetic()).empty
     from analysis.frontier import report_markdown
     assert "Forecast" not in report_markdown(frontier(synthetic()), "t")
+    # a study that varied no factor of the table (only lr) says so, not that nothing finished
+    only_lr = synthetic()
+    for factor in ("model_size", "method", "image_size", "mix_ratio", "lora_rank", "lora_alpha", "alpha_per_rank"):
+        if factor in only_lr:
+            only_lr[factor] = only_lr[factor].iloc[0]
+    text = report_markdown(frontier(only_lr), "t")
+    assert "no factor of the table (model_size" in text and "no finished trials" not in text
 
 
 # --- plots readable at any scale ---

@@ -153,6 +153,12 @@ def test_unknown_experiment_and_missing_store_are_named(store, tmp_path):
     with pytest.raises(AnalysisError, match="absent.db"):
         load_trials(f"sqlite:///{missing}", STUDY)
     assert not missing.exists()  # reading never creates a store
+    import time
+
+    started = time.monotonic()  # a dead server is named at once, not after MLflow's minutes of retries
+    with pytest.raises(AnalysisError, match=r"no tracking server answers at 127.0.0.1:1 "):
+        load_trials("http://127.0.0.1:1", STUDY)
+    assert time.monotonic() - started < 30
 
 
 # --- how the study's runs read (study.mlflow_runs): names, the study's run, the frontier's tags ---

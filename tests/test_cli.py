@@ -183,6 +183,8 @@ def test_more_workers_per_trial_than_cpus_is_refused(tmp_path):
     (["--tracking-uri", "gopher://alice:s3cret@host/x"],
      "error: --tracking-uri gopher://alice:***@host/x: not a tracking URI MLflow serves"),
     (["--address", "127.0.0.1:1"], "error: --address 127.0.0.1:1: no Ray cluster answers there"),
+    (["--tracking-uri", "http://alice:s3cret@127.0.0.1:1"],
+     "error: --tracking-uri http://alice:***@127.0.0.1:1: no tracking server answers at 127.0.0.1:1"),
 ])
 def test_bad_storage_tracking_uri_and_address_are_refused_before_ray(flags, message, tmp_path):
     import time

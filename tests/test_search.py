@@ -215,6 +215,8 @@ def test_the_cost_study_file_and_its_refusals(tmp_path):
         "SEED_POINTS = [{'lora_rank': 16}]": "SEED_POINTS[0]",
         "SEED_POINTS = [{'lora_rank': 12, 'lora_alpha': 24, 'lr': 1e-3}]": "is not one of the choice",
         "SEED_POINTS = [{'lora_rank': 16, 'lora_alpha': 32, 'lr': 1.0}]": "is outside",
+        "SEED_POINTS = [{'lora_rank': 16, 'lora_alpha': 24, 'lr': 1e-3}]":
+            "['lora_alpha']=24 (alpha_per_rank 1.5 = 24 / lora_rank 16",
         "SAMPLER = 'nsga2'": "SAMPLER='nsga2' is for several OBJECTIVES",
     }
     for body, culprit in bad.items():

@@ -34,6 +34,26 @@ def local_store(uri: str) -> Path | None:
     return None
 
 
+def server_problem(uri: str, timeout_s: float = 5.0) -> str | None:
+    """Why no tracking server answers at an http(s) URI (None: something listens there, or the URI is not a
+    server's). Checked before use: MLflow's client retries a dead server for minutes, then raises."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return None
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as e:
+        return f"not a server address ({e})"
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout_s).close()
+    except OSError as e:
+        return f"no tracking server answers at {parts.hostname}:{port} ({e.strerror or e})"
+    return None
+
+
 def resolve_uri(uri: str | None) -> str:
     """An absolute tracking URI: Ray moves each worker's working directory, so relative ones break."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"

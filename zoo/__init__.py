@@ -6,9 +6,18 @@
 The bottom layer: it imports nothing of the project's other packages (tests/test_layers.py).
 """
 
-from zoo.cache import cache_dir
-from zoo.models import (CHAT_TEMPLATE, IMAGE_SIZES, IMAGE_TOKEN, LLM_SIZES, SEED, ZOO_VERSION, ensure_world,
-                        ensure_zoo, llm_path, tokenizer_path, vision_path, world_dir, zoo_dir)
+import importlib
 
-__all__ = ["CHAT_TEMPLATE", "IMAGE_SIZES", "IMAGE_TOKEN", "LLM_SIZES", "SEED", "ZOO_VERSION", "cache_dir",
-           "ensure_world", "ensure_zoo", "llm_path", "tokenizer_path", "vision_path", "world_dir", "zoo_dir"]
+# Imported when first asked for (PEP 562), not here: `python -m zoo.world` would otherwise find zoo.world
+# imported (through zoo.models) before runpy runs it, and print runpy's RuntimeWarning before its output.
+_FROM = {"cache_dir": "zoo.cache", **{name: "zoo.models" for name in (
+    "CHAT_TEMPLATE", "IMAGE_SIZES", "IMAGE_TOKEN", "LLM_SIZES", "SEED", "ZOO_VERSION", "ensure_world", "ensure_zoo",
+    "llm_path", "tokenizer_path", "vision_path", "world_dir", "zoo_dir")}}
+
+__all__ = sorted(_FROM)
+
+
+def __getattr__(name: str):
+    if name in _FROM:
+        return getattr(importlib.import_module(_FROM[name]), name)
+    raise AttributeError(f"module 'zoo' has no attribute {name!r}")
