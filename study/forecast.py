@@ -275,8 +275,12 @@ def _calibrate_here(job: dict) -> dict:
     from trainables.methods import METHODS, apply_stage
     from trainables.model import build_llava, build_processor, image_tokens
 
-    cfg = TrialConfig.from_dict(job["cfg"]).replace(num_workers=1, batch_size=max(1, job["cfg"]["batch_size"] //
-                                                                                   job["cfg"]["num_workers"]))
+    # the rate does not depend on the learning rates, but a study's first configuration may diverge (lr 1e30 in
+    # tests/test_failures.py): calibrate with the defaults so a diverging trial fails alone, not the forecast
+    defaults = TrialConfig()
+    cfg = TrialConfig.from_dict(job["cfg"]).replace(
+        num_workers=1, batch_size=max(1, job["cfg"]["batch_size"] // job["cfg"]["num_workers"]),
+        lr=defaults.lr, projector_lr=defaults.projector_lr)
     torch.set_num_threads(job["threads"])
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     device = torch.device("cuda", 0) if cfg.use_gpu else torch.device("cpu")

@@ -311,3 +311,17 @@ def test_a_budget_stops_launching_trials_and_the_study_says_what_it_spent(tmp_pa
     assert budget < spent <= budget + spent
     assert f"Budget: spent {spent:.4g} of {budget:.4g} GPU-hours per node" in r.stdout
     assert parent.data.params["budget_gpu_hours"] == str(budget)
+
+
+@pytest.mark.slow
+def test_the_calibration_measures_a_diverging_first_configuration(tmp_path, monkeypatch):
+    """The rate does not depend on the learning rate: a study whose first configuration diverges (lr 1e30, as in
+    tests/test_failures.py) still gets its forecast (it failed with 'loss is nan at step 1' on a machine whose
+    calibration cache was empty)."""
+    from study import forecast
+    from trainables.config import TrialConfig
+
+    monkeypatch.setattr(forecast, "calibration_cache", lambda cfg, data, threads: tmp_path / "rate.json")
+    cfg = TrialConfig(method="full", model_size="0.3m", lr=1e30, projector_lr=1e30, batch_size=4)
+    rate = forecast.calibrate(cfg, DataShape(tokens=40.0, image_share=0.5), say=lambda line: None)
+    assert rate > 0 and (tmp_path / "rate.json").is_file()
