@@ -39,6 +39,13 @@ _SPECS = [
     MetricSpec("text_score", "0-100", MAX, "eval", "accuracy on the language-only held-out split (text.json's "
                "text_eval.json): the text skill that visual tuning keeps (the paper's data-mixing question)",
                "text-only score (0-100)", "{:.1f}"),
+    *(spec for score in ("score", "text_score") for spec in (
+        MetricSpec(f"{score}_n", "questions", NEITHER, "eval", f"questions `{score}` is over (a score over zero "
+                   "questions is never logged: the trial fails and says why)", f"questions ({score})", "{:.0f}"),
+        MetricSpec(f"{score}_ci_low", "0-100", MAX, "eval", f"lower end of `{score}`'s 95% Wilson score interval "
+                   f"over its `{score}_n` questions (tracking.intervals)", f"{score} 95% interval, low", "{:.1f}"),
+        MetricSpec(f"{score}_ci_high", "0-100", MAX, "eval", f"upper end of `{score}`'s 95% Wilson score interval",
+                   f"{score} 95% interval, high", "{:.1f}"))),
     MetricSpec("multiple_choice", "questions", NEITHER, "eval", "held-out questions that list lettered options "
                "(scored by the letter)", "multiple-choice questions", "{:.0f}"),
     MetricSpec("unparsed", "questions", MIN, "eval", "multiple-choice answers that named no option (counted "

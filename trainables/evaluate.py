@@ -22,6 +22,7 @@ from trainables.data.loader import Collate, eval_indices, eval_loader
 class Scores:
     score: float          # 0-100 over every question
     questions: int
+    hits: int             # questions answered right (score = 100 x hits / questions)
     multiple_choice: int  # questions scored by their option letter
     unparsed: int         # multiple-choice answers naming no option (counted wrong)
 
@@ -65,4 +66,4 @@ def score_details(model, dataset, collate: Collate, tokenizer, max_new_tokens: i
     hits, n, mc, unparsed = totals.tolist()
     if n == 0:
         raise ValueError("no questions to score: a score over zero questions is not a number")
-    return Scores(100.0 * hits / n, int(n), int(mc), int(unparsed))
+    return Scores(100.0 * hits / n, int(n), int(hits), int(mc), int(unparsed))

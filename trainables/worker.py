@@ -28,6 +28,7 @@ from trainables.data.check import DataPlan
 from trainables.data.loader import Collate, SplitDataset, train_loader
 from trainables.evaluate import score_details
 from trainables.methods import METHODS, STAGE1, apply_stage, check_stage, dir_mb
+from tracking.intervals import wilson
 
 
 @dataclass
@@ -343,8 +344,9 @@ def peak_memory_gb(device) -> tuple[float, str]:
 
 
 def evaluate(ctx: Ctx, engine) -> dict[str, float]:
-    """`score` on the held-out multimodal split (with how many multiple-choice answers named no
-    option: `unparsed`) and, where the dataset has one, `text_score` on its language-only split:
+    """`score` on the held-out multimodal split (with its number of questions `score_n`, its 95% Wilson
+    interval `score_ci_low`/`score_ci_high`, and how many multiple-choice answers named no option:
+    `unparsed`) and, where the dataset has one, `text_score` on its language-only split:
     whether tuning kept the LLM's text skill (the paper's data-mixing question)."""
     cfg = ctx.cfg
     result = {}
@@ -355,7 +357,9 @@ def evaluate(ctx: Ctx, engine) -> dict[str, float]:
         found = score_details(engine.module, held_out, ctx.collate(left=True), ctx.tokenizer, cfg.max_new_tokens,
                               ctx.device, ctx.rank, ctx.world, synced=cfg.zero_stage == 3,
                               batch_size=cfg.eval_batch_size, workers=cfg.loader_workers)
-        result[metric] = found.score
+        interval = wilson(found.hits, found.questions)
+        result.update({metric: found.score, f"{metric}_n": found.questions, f"{metric}_ci_low": interval.low,
+                       f"{metric}_ci_high": interval.high})
         if metric == "score":
             result.update(multiple_choice=found.multiple_choice, unparsed=found.unparsed)
     return result

@@ -1,0 +1,58 @@
+"""The intervals every score carries, against values computed here from their textbook formulas."""
+
+import math
+
+import pytest
+
+from tracking.intervals import difference, mean_interval, wilson
+
+Z = 1.959963984540054  # the normal quantile of 0.975
+
+
+def wilson_by_hand(k: int, n: int) -> tuple[float, float]:
+    """Wilson (1927): (p + z^2/2n +- z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n)."""
+    p = k / n
+    centre, half = p + Z**2 / (2 * n), Z * math.sqrt(p * (1 - p) / n + Z**2 / (4 * n * n))
+    return 100 * (centre - half) / (1 + Z**2 / n), 100 * (centre + half) / (1 + Z**2 / n)
+
+
+@pytest.mark.parametrize("k,n", [(150, 300), (0, 10), (10, 10), (1, 3), (287, 300), (93, 400)])
+def test_wilson_matches_its_formula(k, n):
+    got = wilson(k, n)
+    low, high = wilson_by_hand(k, n)
+    assert got.value == pytest.approx(100 * k / n)
+    assert (got.low, got.high) == (pytest.approx(low, abs=1e-9), pytest.approx(high, abs=1e-9))
+    assert got.n == n
+
+
+def test_wilson_known_values_and_refusals():
+    assert (round(wilson(150, 300).low, 2), round(wilson(150, 300).high, 2)) == (44.38, 55.62)
+    assert round(wilson(0, 10).high, 2) == 27.75  # not zero-width at 0%, as the normal approximation would be
+    with pytest.raises(ValueError, match="zero questions"):
+        wilson(0, 0)
+    with pytest.raises(ValueError):
+        wilson(11, 10)
+
+
+def test_mean_over_seeds_is_students_t():
+    got = mean_interval([50.0, 52.0, 54.0])
+    # sd 2, sem 2/sqrt(3), t(0.975, 2) = 4.302652729911275
+    half = 4.302652729911275 * 2 / math.sqrt(3)
+    assert (got.value, got.low, got.high, got.n) == (52.0, pytest.approx(52 - half), pytest.approx(52 + half), 3)
+    assert mean_interval([61.0]).low == mean_interval([61.0]).high == 61.0
+    assert mean_interval([40.0, 40.0]).low == 40.0
+
+
+def test_a_difference_is_welchs():
+    a, b = [50.0, 52.0, 54.0], [40.0, 41.0, 45.0]
+    got = difference(a, b)
+    va, vb = 4.0 / 3, 7.0 / 3  # variances of the means
+    df = (va + vb) ** 2 / (va**2 / 2 + vb**2 / 2)  # Welch-Satterthwaite
+    from scipy.stats import t
+
+    half = t.ppf(0.975, df) * math.sqrt(va + vb)
+    assert got.value == pytest.approx(10.0)
+    assert (got.low, got.high) == (pytest.approx(10 - half), pytest.approx(10 + half))
+    assert got.excludes(0) and not got.within(-2, 2)
+    with pytest.raises(ValueError, match="2 values"):
+        difference([1.0], [2.0, 3.0])
