@@ -169,7 +169,9 @@ def experiment_note(study: str, params: dict, searched: list[str]) -> str:
     space = "\n".join(f"- `{k}`: {_spec(str(params[SPACE_PREFIX + k]))}" for k in searched) or "- (nothing)"
     fixed = f"Fixed for every trial: `{params['constants']}`.\n\n" if "constants" in params else ""
     where = f" from `{params['space_file']}`" if "space_file" in params else ""
-    size = f"{params['num_samples']} trials" if "num_samples" in params else "trials"
+    size = f"{params['num_samples']} configurations" if "num_samples" in params else "trials"
+    if "seeds" in params:
+        size += f" x {params['seeds']} seeds (the trials' param `seed`; compare a configuration's seeds for its noise)"
     smoke = " (a `--smoke` check: the smallest budget, not a result)" if str(params.get("smoke")) == "True" else ""
     return (f"**Study `{study}`**{where}: {size}{smoke} of LLaVA-style visual instruction tuning, each scored on "
             f"held-out questions (`score`, 0-100) and costed (`gpu_hours`: GPU-hours per node; `dollars`).\n\n"

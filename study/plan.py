@@ -26,7 +26,7 @@ class Plan:
     study: str                   # the study's name: its MLflow experiment and its folder in storage
     space_file: Path
     smoke: bool
-    num_samples: int             # trials to run
+    num_samples: int             # configurations to run (NUM_SAMPLES or --num-samples)
     max_concurrent: int          # trials at once
     cpus_per_worker: int         # CPU threads of each Ray Train worker
     workers_per_trial: int
@@ -49,6 +49,18 @@ class Plan:
     budget_dollars: float | None = None
     forecaster: object = None               # study.forecast.Forecaster, or None where there is no forecast
     forecast_note: str = ""                 # why there is none
+    seeds: int = 1                          # trials per configuration (SEEDS)
+    grid_size: int | None = None            # configurations a grid has (None: not a grid)
+
+    @property
+    def configurations(self) -> int:
+        """Configurations the study runs: num_samples, or fewer where a grid runs out."""
+        return self.num_samples if self.grid_size is None else min(self.num_samples, self.grid_size)
+
+    @property
+    def trials(self) -> int:
+        """Tune trials: every configuration at every seed."""
+        return self.configurations * self.seeds
 
     def settings(self, space) -> dict:
         """The study's settings: logged on its run, and what `--resume` must find unchanged."""
@@ -66,6 +78,8 @@ class Plan:
             values["budget_dollars"] = self.budget_dollars
         if space.objectives:
             values["objectives"] = repr(space.objectives)
+        if self.seeds > 1:
+            values["seeds"] = self.seeds
         return values
 
 
@@ -99,7 +113,8 @@ def make_plan(args, space):
     device = "gpu" if example.use_gpu else "cpu"
     max_concurrent = args.max_concurrent or space.max_concurrent or max(1, devices // example.num_workers)
     cpus_per_worker = 1 if example.use_gpu else max(1, cpus // (max_concurrent * example.num_workers))
-    base = dict(study=study, space_file=space.path, smoke=smoke, num_samples=num_samples,
+    base = dict(study=study, space_file=space.path, smoke=smoke, num_samples=num_samples, seeds=space.seeds,
+                grid_size=space.grid_size() if space.sampler == "grid" else None,
                 max_concurrent=max_concurrent, cpus_per_worker=cpus_per_worker, workers_per_trial=example.num_workers,
                 device=device, constants=space.constants(smoke), example=example, storage=storage,
                 tracking_uri=uri, address=args.address, data=None, report=None, data_dir=args.data or "",
@@ -324,7 +339,8 @@ def _resumable(args, space, plan: Plan, run, where: str):
 def print_plan(plan: Plan, space) -> None:
     ex = plan.example
     print(f"study {plan.study!r} from {space.path}")
-    print(f"  {plan.num_samples} trials, {plan.max_concurrent} at a time, "
+    seeds = f" ({plan.configurations} configurations x {plan.seeds} seeds)" if plan.seeds > 1 else ""
+    print(f"  {plan.trials} trials{seeds}, {plan.max_concurrent} at a time, "
           f"{plan.workers_per_trial} {plan.device} worker(s) per trial x {plan.cpus_per_worker} CPU")
     print(f"  searched: {', '.join(f'{k}={v}' for k, v in space.space.items())}")
     stage1 = plan.constants.get("stage1_steps", ex.stage1_steps)
@@ -358,9 +374,9 @@ def print_forecast(plan: Plan, space) -> None:
         print(f"    {cfg.method} {cfg.model_size} @{cfg.image_size}px: {tflops:.3g} TFLOPs, "
               f"{hours:.3g} GPU-hours per node, ${hours * cfg.price_per_node_hour:.4g} per trial "
               f"(rate {f.rate(cfg) / 1e9:,.1f} GFLOP/s per device)")
-    low, high = min(costs) * plan.num_samples, max(costs) * plan.num_samples
+    low, high = min(costs) * plan.trials, max(costs) * plan.trials
     price = plan.example.price_per_node_hour
-    print(f"    study of {plan.num_samples} trials: {low:.3g} to {high:.3g} GPU-hours per node "
+    print(f"    study of {plan.trials} trials: {low:.3g} to {high:.3g} GPU-hours per node "
           f"(${low * price:.4g} to ${high * price:.4g})")
     if plan.budget_gpu_hours is not None:
         print(f"  budget: {plan.budget_gpu_hours:.3g} GPU-hours per node (${plan.budget_gpu_hours * price:.4g}): "

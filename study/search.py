@@ -15,8 +15,14 @@ with four changes:
   plus the forecast of the running trials is within it: so the study stops launching when the
   money is spent and overshoots by at most one trial's cost. A stopped or failed trial's
   cost counts (the last cost it reported); a repeat (see study.study.study_trial) costs nothing.
-Its state (Optuna's study, the budget's spent and running) is saved and restored with Tune's,
-so `--resume` counts what was spent before.
+- with `seeds` > 1 (a space file's SEEDS), each configuration Optuna suggests runs as that many
+  Tune trials, at seeds seed, seed + 1, ... (data order, LoRA init, dropout), and Optuna is told
+  the configuration once, when its last seed ends: the mean of each objective over the seeds if
+  every seed finished, else PRUNED (a seed stopped early) or FAIL (every seed errored). Ray's
+  `Repeater` does this for one metric only, forgets its groups on restore and hides the seeds'
+  results from the scheduler, so it is done here.
+Its state (Optuna's study, the budget's spent and running, the seed groups) is saved and restored
+with Tune's, so `--resume` counts what was spent before.
 
 `StoppedTrials` is a Tune callback that closes the MLflow run of a trial stopped early as
 KILLED, tagged `stopped_early` with the step it reached, with the cost it spent.
@@ -33,10 +39,16 @@ REPEAT = "repeat_of"   # a result answered from an identical earlier trial carri
 
 
 class StudySearch(OptunaSearch):
-    def __init__(self, *args, budget_gpu_hours: float | None = None, forecast=None, **kwargs):
-        """OptunaSearch's arguments, plus a budget in GPU-hours per node (None: none) and `forecast(config)`
-        -> GPU-hours per node of a Tune config (study.forecast.Forecaster.gpu_hours_of)."""
+    def __init__(self, *args, budget_gpu_hours: float | None = None, forecast=None, seeds: int = 1, **kwargs):
+        """OptunaSearch's arguments, plus a budget in GPU-hours per node (None: none), `forecast(config)`
+        -> GPU-hours per node of a Tune config (study.forecast.Forecaster.gpu_hours_of), and the seeds each
+        configuration runs at."""
         super().__init__(*args, **kwargs)
+        self.seeds = seeds
+        self.group_of: dict[str, str] = {}    # trial id -> the trial id Optuna knows its configuration by
+        self.open_group: tuple[str, dict, int] | None = None  # (that id, its config, seeds launched) while short
+        self.outcomes: dict[str, list] = {}   # Optuna's trial id -> each ended seed's values or TrialState
+        self.pruned_trials: set[str] = set()  # Tune trials told PRUNED (stopped early), seed by seed
         self.budget_gpu_hours, self.forecast = budget_gpu_hours, forecast
         self.spent = 0.0                      # GPU-hours per node of ended trials
         self.running: dict[str, float] = {}   # trial id -> its forecast, while it runs
@@ -53,10 +65,24 @@ class StudySearch(OptunaSearch):
                 return None  # ask again when a running trial ends: its forecast may have been too high
             self.budget_exhausted = True
             return Searcher.FINISHED
-        config = super().suggest(trial_id)
-        if config is not None and config is not Searcher.FINISHED and self.forecast is not None:
+        config = self._next_seed(trial_id) or super().suggest(trial_id)
+        if config is None or config is Searcher.FINISHED:
+            return config
+        if trial_id not in self.group_of:  # Optuna's new configuration: its first seed
+            self.group_of[trial_id] = trial_id
+            self.open_group = (trial_id, dict(config), 1) if self.seeds > 1 else None
+        if self.forecast is not None:
             self.running[trial_id] = self.forecast(config)
         return config
+
+    def _next_seed(self, trial_id: str) -> dict | None:
+        """The open configuration at its next seed, or None when Optuna should suggest a new one."""
+        if self.open_group is None:
+            return None
+        first, config, launched = self.open_group
+        self.open_group = (first, config, launched + 1) if launched + 1 < self.seeds else None
+        self.group_of[trial_id] = first
+        return {**config, "seed": int(config.get("seed", 0)) + launched}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if FINAL in result or "interim_score" in result or REPEAT in result:
@@ -78,14 +104,27 @@ class StudySearch(OptunaSearch):
             self.last_cost[trial_id] = float(result["gpu_hours"])
         if not (result and result.get(REPEAT)):
             self.spent += self.last_cost.get(trial_id, 0.0)
-        ot_trial = self._ot_trials[trial_id]
         metrics = self.metric if isinstance(self.metric, list) else [self.metric]
         if result and FINAL in result and all(result.get(m) is not None for m in metrics):
-            values = [result[m] for m in metrics]
-            self._tell(ot_trial, values if isinstance(self.metric, list) else values[0])
+            outcome = [float(result[m]) for m in metrics]
         else:
-            self._tell(ot_trial, state=TrialState.FAIL if error else TrialState.PRUNED)
+            outcome = TrialState.FAIL if error else TrialState.PRUNED
+            if not error:
+                self.pruned_trials.add(trial_id)
         self._completed_trials.add(trial_id)
+        first = self.group_of.get(trial_id, trial_id)
+        outcomes = self.outcomes.setdefault(first, [])
+        outcomes.append(outcome)
+        if len(outcomes) < self.seeds:
+            return  # Optuna hears of the configuration when its last seed ends
+        values = [o for o in outcomes if isinstance(o, list)]
+        ot_trial = self._ot_trials[first]
+        if len(values) == len(outcomes):
+            means = [sum(v[i] for v in values) / len(values) for i in range(len(metrics))]
+            self._tell(ot_trial, means if isinstance(self.metric, list) else means[0])
+        else:
+            every_error = all(o == TrialState.FAIL for o in outcomes)
+            self._tell(ot_trial, state=TrialState.FAIL if every_error else TrialState.PRUNED)
 
     def _tell(self, ot_trial, *args, **kwargs) -> None:
         try:
@@ -98,9 +137,8 @@ class StudySearch(OptunaSearch):
                 raise
 
     def pruned(self) -> int:
-        from optuna.trial import TrialState
-
-        return sum(t.state == TrialState.PRUNED for t in self._ot_study.trials)
+        """Tune trials stopped early (with seeds, each seed counts)."""
+        return len(self.pruned_trials)
 
 
 class StoppedTrials(Callback):

@@ -13,6 +13,8 @@ A space file declares (all optional but SPACE):
     SCHEDULER = asha(grace_steps=60)    # early stopping on interim evaluations (needs interim_every)
     BUDGET_GPU_HOURS = 2.0, BUDGET_DOLLARS = 30.0       # stop launching trials when spent (--budget-* win)
     SEED_POINTS = [{"lora_rank": 16, "lora_alpha": 32, "lr": 2e-4}]   # tried first (the paper's settings)
+    SEEDS = 3                      # each configuration trained at 3 seeds (data order, LoRA init, dropout):
+                                   # NUM_SAMPLES configurations x SEEDS trials; the search learns from the mean
     DEVICE = "A100", MFU = 0.35    # the forecast's device and utilisation (default: measured on this machine)
 
 Keys of FIXED / SPACE / SMOKE are TrialConfig fields, and every value a space can
@@ -32,7 +34,7 @@ from typing import Any
 from trainables.config import ConfigError, TrialConfig, trial_config
 
 STUDY_NAMES = {"NAME", "FIXED", "SPACE", "SMOKE", "NUM_SAMPLES", "MAX_CONCURRENT", "METRIC", "MODE", "SEED",
-               "SAMPLER", "OBJECTIVES", "SCHEDULER", "BUDGET_GPU_HOURS", "BUDGET_DOLLARS", "SEED_POINTS", "DEVICE",
+               "SEEDS", "SAMPLER", "OBJECTIVES", "SCHEDULER", "BUDGET_GPU_HOURS", "BUDGET_DOLLARS", "SEED_POINTS", "DEVICE",
                "MFU"}
 SAMPLERS = ("tpe", "grid", "random", "nsga2")
 # The settings that decide how a trial's data is encoded: its tokenizer, its image tokens, its length budget.
@@ -175,6 +177,7 @@ class Space:
     budget_gpu_hours: float | None = None
     budget_dollars: float | None = None
     seed_points: list = field(default_factory=list)
+    seeds: int = 1                      # trials per configuration, at seeds seed, seed + 1, ... (study.search)
     device: str | None = None
     mfu: float | None = None
 
@@ -282,7 +285,8 @@ def load(path: str | Path) -> Space:
                   metric=ns.get("METRIC", "score"), mode=ns.get("MODE", "max"), seed=ns.get("SEED", 0),
                   sampler=ns.get("SAMPLER", "tpe"), objectives=ns.get("OBJECTIVES"), scheduler=ns.get("SCHEDULER"),
                   budget_gpu_hours=ns.get("BUDGET_GPU_HOURS"), budget_dollars=ns.get("BUDGET_DOLLARS"),
-                  seed_points=ns.get("SEED_POINTS", []), device=ns.get("DEVICE"), mfu=ns.get("MFU"))
+                  seed_points=ns.get("SEED_POINTS", []), seeds=ns.get("SEEDS", 1), device=ns.get("DEVICE"),
+                  mfu=ns.get("MFU"))
     validate(space)
     return space
 
@@ -388,6 +392,11 @@ def _validate_search(space: Space) -> None:
             if better and better != mode:
                 raise SpaceError(f"{path}: OBJECTIVES[{name!r}]={mode!r}, but {'higher' if better == 'max' else 'lower'}"
                                  f" {name} is better: {better!r}")
+    if isinstance(space.seeds, bool) or not isinstance(space.seeds, int) or not 1 <= space.seeds <= 100:
+        raise SpaceError(f"{path}: SEEDS={space.seeds!r} should be a whole number of seeds per configuration, 1 to 100")
+    if space.seeds > 1 and "seed" in space.space:
+        raise SpaceError(f"{path}: SEEDS={space.seeds} and SPACE['seed'] both vary the seed: keep one (SEEDS runs "
+                         "every configuration at each seed and the search learns from their mean)")
     if space.sampler == "nsga2" and len(space.goals()) < 2:
         raise SpaceError(f"{path}: SAMPLER='nsga2' is for several OBJECTIVES; with one metric use 'tpe'")
     if space.scheduler is not None:

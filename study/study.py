@@ -189,10 +189,6 @@ def unfinished_trials(tune_dir: Path) -> int:
     return sum(t.status not in ("TERMINATED", "ERROR") for t in ExperimentAnalysis(str(tune_dir)).trials)
 
 
-def expected_trials(space, num_samples: int) -> int:
-    """Trials a complete study has: a grid runs out after its last combination."""
-    return min(num_samples, space.grid_size()) if space.sampler == "grid" else num_samples
-
 
 def run_study(plan, space, lock=None) -> int:
     """The study, as a recipe: its MLflow run, Ray, the tuner, the trials, the summary. `lock` (the study's,
@@ -312,12 +308,13 @@ def make_tuner(plan, space, parent: str, experiment_id: str, local: bool = False
                            metric=list(goals) if several else next(iter(goals)),
                            mode=list(goals.values()) if several else next(iter(goals.values())),
                            points_to_evaluate=space.seed_params() or None, budget_gpu_hours=plan.budget_gpu_hours,
-                           forecast=plan.forecaster.gpu_hours_of if plan.forecaster is not None else None)
+                           forecast=plan.forecaster.gpu_hours_of if plan.forecaster is not None else None,
+                           seeds=plan.seeds)
     scheduler = space.scheduler.scheduler(plan.example.stage2_steps, plan.example.interim_every, plan.smoke) \
         if space.scheduler is not None else None
     return tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=plan.num_samples,
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=plan.trials,
                                     max_concurrent_trials=plan.max_concurrent),
         run_config=tune.RunConfig(
             name=plan.study, storage_path=str(plan.storage / "tune"), verbose=1,
@@ -363,7 +360,7 @@ def fit(tuner, plan, space, parent: str, experiment_id: str) -> tuple[str, int]:
         results = tuner.fit()
         # Ctrl-C makes Tune stop, save its state and return; trials are then missing or unfinished
         done = len(results) - unfinished_trials(tune_dir)
-        complete = len(results) >= expected_trials(space, plan.num_samples) or (
+        complete = len(results) >= plan.trials or (
             plan.budget_gpu_hours is not None and spent(client, experiment_id, parent) >= plan.budget_gpu_hours)
         status = "FINISHED" if done == len(results) and complete else "KILLED"
     except KeyboardInterrupt:
@@ -422,7 +419,7 @@ def summarize(plan, space, parent: str, experiment_id: str, status: str, done: i
         print(f"The study's runs (trial names, on_frontier, score and cost; the study's run holds the frontier): "
               f"{mlflow_runs.ui_link(base, experiment_id, view)}")
     if status != "FINISHED":
-        print(f"\nStudy interrupted with {done} of {expected_trials(space, plan.num_samples)} trials done: "
+        print(f"\nStudy interrupted with {done} of {plan.trials} trials done: "
               "the same command with --resume continues it", file=sys.stderr)
         return 1
     return 0 if finished else 1

@@ -25,13 +25,13 @@ def one_hour(config) -> float:
     return 1.0
 
 
-def searcher(budget=None, forecast=one_hour, objectives=("score", "gpu_hours")):
+def searcher(budget=None, forecast=one_hour, objectives=("score", "gpu_hours"), seeds=1):
     several = len(objectives) > 1
     modes = {"score": "max", "gpu_hours": "min"}
     return StudySearch(space=space, sampler=optuna.samplers.RandomSampler(seed=0),
                        metric=list(objectives) if several else objectives[0],
                        mode=[modes[o] for o in objectives] if several else modes[objectives[0]],
-                       budget_gpu_hours=budget, forecast=forecast)
+                       budget_gpu_hours=budget, forecast=forecast, seeds=seeds)
 
 
 def final(score, hours):
@@ -69,6 +69,47 @@ def test_a_trial_stopped_early_is_pruned_and_keeps_its_cost_and_an_errored_one_f
     s.on_trial_complete("broken", None, error=True)
     assert states(s) == [TrialState.PRUNED, TrialState.FAIL]
     assert s.spent == pytest.approx(0.4 + 0.2), "a stopped or failed trial's cost still counts"
+
+
+def test_each_configuration_runs_at_every_seed_and_optuna_hears_the_mean_once():
+    s = searcher(seeds=3)
+    configs = [s.suggest(t) for t in ("a", "b", "c", "d")]
+    assert [c.get("seed", 0) for c in configs[:3]] == [0, 1, 2]
+    strip = [{k: v for k, v in c.items() if k != "seed"} for c in configs]
+    assert strip[0] == strip[1] == strip[2] != strip[3], "three seeds of one configuration, then a new one"
+    assert configs[3].get("seed", 0) == 0
+    for trial, score in (("a", 40.0), ("b", 46.0)):
+        s.on_trial_complete(trial, final(score, 1.0))
+    assert states(s) == [TrialState.RUNNING, TrialState.RUNNING], "told once, when the last seed ends"
+    s.on_trial_complete("c", final(52.0, 2.5))
+    assert s._ot_study.trials[0].state == TrialState.COMPLETE
+    assert s._ot_study.trials[0].values == [pytest.approx(46.0), pytest.approx(1.5)]
+    assert s.spent == pytest.approx(4.5), "each seed's cost is spent"
+
+
+def test_a_configuration_with_a_seed_stopped_early_is_pruned_and_with_every_seed_failed_fails():
+    s = searcher(seeds=2)
+    for t in "abcd":
+        s.suggest(t)
+    s.on_trial_complete("a", final(40.0, 1.0))
+    s.on_trial_complete("b", interim(12.0, 0.4, 10))  # stopped early
+    s.on_trial_complete("c", None, error=True)
+    s.on_trial_complete("d", None, error=True)
+    assert states(s) == [TrialState.PRUNED, TrialState.FAIL]
+    assert s.pruned() == 1, "Tune trials stopped early, seed by seed"
+
+
+def test_seed_groups_survive_the_searchers_save_and_restore(tmp_path):
+    s = searcher(seeds=2)
+    first = s.suggest("a")
+    s.save(str(tmp_path / "searcher.pkl"))
+    restored = searcher(seeds=2)
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    second = restored.suggest("b")
+    assert second == {**first, "seed": 1}
+    restored.on_trial_complete("a", final(30.0, 1.0))
+    restored.on_trial_complete("b", final(50.0, 1.0))
+    assert restored._ot_study.trials[0].values == [pytest.approx(40.0), pytest.approx(1.0)]
 
 
 @pytest.mark.parametrize("outcome", ["finished", "failed"])
@@ -325,3 +366,55 @@ def test_the_calibration_measures_a_diverging_first_configuration(tmp_path, monk
     cfg = TrialConfig(method="full", model_size="0.3m", lr=1e30, projector_lr=1e30, batch_size=4)
     rate = forecast.calibrate(cfg, DataShape(tokens=40.0, image_share=0.5), say=lambda line: None)
     assert rate > 0 and (tmp_path / "rate.json").is_file()
+
+
+SEEDED = """
+from study.space import choice
+NAME = "seeded"
+SAMPLER = "grid"
+SEEDS = 2
+MAX_CONCURRENT = 1
+FIXED = {"method": "lora", "model_size": "0.3m", "stage1_steps": 2, "stage2_steps": 6, "batch_size": 8,
+         "eval_samples": 24, "checkpoint_every": 0, "lora_rank": 8, "lora_alpha": 16}
+SPACE = {"lr": choice([3e-3, 1e-3])}
+"""
+
+
+@pytest.mark.slow
+def test_seeds_run_every_configuration_at_each_seed_and_every_score_carries_its_interval(tmp_path):
+    import glob
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    from tracking.intervals import wilson
+
+    space = tmp_path / "seeded.py"
+    space.write_text(SEEDED)
+    r = subprocess.run([sys.executable, "-m", "study.run", str(space)], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "4 trials (2 configurations x 2 seeds)" in r.stdout
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("seeded").experiment_id])
+    (parent,) = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
+    trials = [run for run in runs if "mlflow.parentRunId" in run.data.tags]
+    assert parent.data.params["seeds"] == "2"
+    assert sorted((t.data.params["lr"], t.data.params["seed"]) for t in trials) == \
+        [("0.001", "0"), ("0.001", "1"), ("0.003", "0"), ("0.003", "1")]
+    for t in trials:
+        m = t.data.metrics
+        assert m["score_n"] == 24, "the score counts its questions"
+        expected = wilson(round(m["score"] * 24 / 100), 24)
+        assert (m["score_ci_low"], m["score_ci_high"]) == (pytest.approx(expected.low), pytest.approx(expected.high))
+        assert m["score_ci_low"] < m["score_ci_high"]
+    # Optuna heard each configuration once, with the mean over its seeds
+    state = pickle.loads(open(sorted(glob.glob(str(tmp_path / "studies" / "tune" / "seeded" /
+                                                   "searcher-state-*.pkl")))[-1], "rb").read())
+    told = state["_ot_study"].trials
+    assert [t.state for t in told] == [TrialState.COMPLETE] * 2
+    for t in told:
+        lr = str(t.params["lr"])
+        scores = [run.data.metrics["score"] for run in trials if float(run.data.params["lr"]) == float(lr)]
+        assert t.value == pytest.approx(sum(scores) / 2)

@@ -60,11 +60,9 @@ def mean_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> In
     if not xs:
         raise ValueError("no values to average")
     mean = sum(xs) / len(xs)
-    if len(xs) == 1:
-        return Interval(mean, mean, mean, 1)
+    if max(xs) == min(xs):  # one value, or every value equal: no spread to estimate
+        return Interval(mean, mean, mean, len(xs))
     low, high = stats.t.interval(confidence, len(xs) - 1, loc=mean, scale=stats.sem(xs))
-    if math.isnan(low):  # every value equal: no spread
-        low = high = mean
     return Interval(mean, float(low), float(high), len(xs))
 
 
