@@ -92,7 +92,8 @@ def study_trial(config: dict, study, forecaster=None) -> None:
 
 
 def identical_trial(client, experiment_id: str, run, cfg, poll_s: float = 5.0, live_since_ms: int = 0):
-    """The study's earlier trial run with the same configuration (FINISHED, or stopped early; one still RUNNING
+    """The study's earlier trial run with the same configuration (the same logged params: a setting the method
+    does not use, such as full fine-tuning's lora_rank in a grid over method x rank, does not count) (FINISHED, or stopped early; one still RUNNING
     is waited for if it started after `live_since_ms`, this session's start), or None. Failed runs and repeats
     themselves do not count, nor a RUNNING run of an interrupted session: it is an orphan that no one is
     training (closed when the study ends), or a trial Tune resumes later, which a wait here could block for
@@ -109,8 +110,8 @@ def identical_trial(client, experiment_id: str, run, cfg, poll_s: float = 5.0, l
             if other.info.run_id == run.info.run_id or "repeat_of" in other.data.tags \
                     or other.info.start_time > run.info.start_time:
                 continue
-            try:
-                same = TrialConfig.from_params(other.data.params) == cfg
+            try:  # the same in every setting its method uses: full fine-tuning at lora_rank 8 and 64 is one
+                same = TrialConfig.from_params(other.data.params).logged_params() == cfg.logged_params()
             except ValueError:
                 same = False
             live = other.info.status == "RUNNING" and other.info.start_time >= live_since_ms

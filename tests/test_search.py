@@ -200,6 +200,12 @@ def test_an_identical_earlier_trial_is_found_finished_or_stopped_and_a_running_o
     assert identical_trial(client, exp, trial(b), b).info.run_id == stopped.info.run_id
     c = TrialConfig(lr=3e-3)
     assert identical_trial(client, exp, trial(c), c) is None
+    full8, full64 = TrialConfig(method="full", lora_rank=8), TrialConfig(method="full", lora_rank=64)
+    first = trial(full8, "FINISHED")
+    assert identical_trial(client, exp, trial(full64), full64).info.run_id == first.info.run_id, \
+        "a rank full fine-tuning does not use makes no new configuration"
+    lora64 = TrialConfig(lora_rank=64)
+    assert identical_trial(client, exp, trial(lora64), lora64) is None, "LoRA's rank does"
     running = trial(TrialConfig(lr=4e-3))
     later = trial(TrialConfig(lr=4e-3))
     threading.Timer(0.5, lambda: client.set_terminated(running.info.run_id, "FINISHED")).start()
