@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import LlavaForConditionalGeneration
 
+from tracking.intervals import wilson
 from trainables import worker
 from trainables.config import TrialConfig
 from trainables.methods import part_of
@@ -58,7 +59,12 @@ def test_stage2_lora_leaves_base_weights_untouched(trial):
     assert counts["vision_tower"] == 0 and counts["llm"] == sum(p.numel() for p in lora.values())
     assert counts["projector"] == meta["trainable_params"]
     scores = worker.evaluate(ctx, engine)
-    assert set(scores) == {"score", "text_score", "multiple_choice", "unparsed"}
+    assert set(scores) == {f"{score}{part}" for score in ("score", "text_score") for part in
+                           ("", "_n", "_ci_low", "_ci_high")} | {"multiple_choice", "unparsed"}
+    assert scores["score_n"] == cfg.eval_samples and scores["text_score_n"] > 0, "each score counts its questions"
+    hits = round(scores["score"] * scores["score_n"] / 100)
+    assert (scores["score_ci_low"], scores["score_ci_high"]) == \
+        (pytest.approx(wilson(hits, scores["score_n"]).low), pytest.approx(wilson(hits, scores["score_n"]).high))
     # Stage 2 must beat the model it started from (stage 1's output, scored the same way).
     untuned = worker.evaluate(ctx, SimpleNamespace(module=LlavaForConditionalGeneration.from_pretrained(base).eval()))
     print(f"\nscore {scores['score']:.1f} (stage 1 only: {untuned['score']:.1f}), "
