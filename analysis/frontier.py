@@ -10,8 +10,13 @@ of a GPU-hours plot (at `--price`, else the trials' own price). `--include-stopp
 trials an early-stopping scheduler stopped take part (left out and counted by default).
 DIR (default: `frontier/<experiment>/` under the working directory) receives
 frontier.csv (one row per trial: run_id, params, metrics, `on_frontier`, and
-`excluded`: why a trial took no part), frontier.png and table.md. Files there that this
-command did not write (or that changed since it did) are never replaced unless `--force`.
+`excluded`: why a trial took no part), frontier.png and table.md. A study run at
+several seeds has one row per configuration instead (its seeds' means, `seeds`, and its
+runs in `run_id` as "id1,id2"; analysis.pareto), plus one per trial left out. Where the
+score has a 95% interval, `contender` marks the points no cheaper-or-equal point beats
+significantly; the table lists them beside the frontier and the plot draws error bars.
+Files there that this command did not write (or that changed since it did) are never
+replaced unless `--force`.
 Exit 0 on success, 2 on bad input (one `error:` line naming the experiment / column /
 flag / file), 1 otherwise.
 
@@ -51,37 +56,58 @@ def reprice(trials: pd.DataFrame, price_per_node_hour: float) -> pd.DataFrame:
 
 def csv_columns(df: pd.DataFrame) -> list[str]:
     """Run identity first, then the verdict, the params in schema order, and the metrics by name."""
-    first = [c for c in RUN_COLUMNS + ["on_frontier", "excluded"] if c in df]
+    first = [c for c in RUN_COLUMNS + ["seeds", "on_frontier", "contender", "excluded"] if c in df]
     params = [f for f in TrialConfig.__dataclass_fields__ if f in df and f not in first]
     return first + params + sorted(c for c in df.columns if c not in first and c not in params)
 
 
-def frontier_table(front: Frontier) -> pd.DataFrame:
+def frontier_table(front: Frontier, contenders: bool = False) -> pd.DataFrame:
     """The frontier's trials, cheapest first: the trial's name, the study table's columns (the axes the
     study varied, `text_score` and a score's interval where logged), every objective, the step an
-    early-stopped trial reached (when such trials take part) and the run id."""
+    early-stopped trial reached (when such trials take part) and the run id. Configurations (a study run
+    at several seeds, analysis.pareto) say how many `seeds` they average.
+
+    `contenders`: also the points off the frontier that no point significantly dominates (`contender`,
+    analysis.pareto), with `on_frontier` and `contender` columns to tell them apart."""
     on = front.frontier
+    if contenders and "contender" in front.trials:
+        keep = front.trials["on_frontier"] | front.trials["contender"].fillna(False).astype(bool)
+        on = front.in_order(front.trials[keep])
     cols = [c for c in TABLE_COLUMNS if c in on]
     varying = [c for c in VARYING_COLUMNS if c in front.trials and front.trials[c].nunique(dropna=True) > 1]
     cols = cols[:2] + varying + cols[2:]
     at = cols.index("score") + 1 if "score" in cols else len(cols)
     cols[at:at] = [c for c in scores_of(on) if c not in cols]
     cols += [c for c in front.objectives if c not in cols]
+    if front.over_seeds:
+        cols.insert(cols.index("score") if "score" in cols else len(cols), "seeds")
+    if contenders and "contender" in on:
+        cols += ["on_frontier", "contender"]
     if STOPPED_TAG in on and on[STOPPED_TAG].notna().any():
         cols.append(STOPPED_TAG)
     first = ["run_name"] if "run_name" in on and on["run_name"].notna().any() else []
     return tables.tidy(on)[first + cols + ["run_id"]].reset_index(drop=True)
 
 
-def report_markdown(front: Frontier, title: str) -> str:
-    sections = [f"# {title}\n", front.summary() + "\n",
-                "## Frontier (cheapest first)\n", tables.to_markdown(frontier_table(front)),
+def report_markdown(front: Frontier, title: str, trials: pd.DataFrame | None = None) -> str:
+    """table.md: the frontier, then the tables by size x method and by factor of `trials` (default: the
+    frontier's own rows, which are configurations, not trials, when the study has several seeds)."""
+    trials = front.trials if trials is None else trials
+    sections = [f"# {title}\n", front.summary() + "\n", "## Frontier (cheapest first)\n"]
+    if front.over_seeds:
+        sections.append("Each point is a configuration: its metrics are means over its seeds, its score's interval "
+                        "the 95% t interval over them.\n")
+    if "contender" in front.trials:
+        sections.append(f"Beside the frontier, the points off it that no point costing no more beats significantly "
+                        f"(its 95% interval of {next(iter(front.objectives))} wholly above theirs): "
+                        "`contender` = True.\n")
+    sections += [tables.to_markdown(frontier_table(front, contenders=True)),
                 "## Score and cost by model size x method x LoRA rank\n",
-                "Costs are means over each row's trials.\n", tables.to_markdown(tables.by_size_method(front.trials)),
-                "## Effect of each factor\n", tables.to_markdown(tables.factor_effects(front.trials),
+                "Costs are means over each row's trials.\n", tables.to_markdown(tables.by_size_method(trials)),
+                "## Effect of each factor\n", tables.to_markdown(tables.factor_effects(trials),
                                                                    "no factor of the table (" + ", ".join(tables.FACTORS)
                                                                    + ") took two values among the finished trials")]
-    forecast = tables.forecast_vs_measured(front.trials)
+    forecast = tables.forecast_vs_measured(trials)
     if not forecast.empty:
         sections += ["## Forecast vs measured cost per trial\n",
                      "The cost forecast before each trial ran (training FLOPs / the device's sustained FLOP/s) "
@@ -98,30 +124,36 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _written(out: Path) -> dict[str, str]:
+def _written(out: Path, record: str = WRITTEN) -> dict[str, str]:
     try:
-        recorded = json.loads((out / WRITTEN).read_text())
+        recorded = json.loads((out / record).read_text())
     except (OSError, ValueError):
         return {}
     return recorded if isinstance(recorded, dict) else {}
 
 
-def check_out(out_dir: str | Path, force: bool = False) -> Path:
+def check_out(out_dir: str | Path, force: bool = False, outputs: tuple[str, ...] = OUTPUTS, record: str = WRITTEN,
+              writer: str = "analysis.frontier") -> Path:
     """The report's folder, checked before anything is computed or written: not a file, and none of
-    frontier.csv / frontier.png / table.md there unless this module wrote it and it has not changed
-    since (`force` replaces them all the same). Raises AnalysisError naming the file."""
+    `outputs` (frontier.csv / frontier.png / table.md) there unless `writer` wrote it (its `record` says so)
+    and it has not changed since (`force` replaces them all the same). Raises AnalysisError naming the file."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise AnalysisError(f"--out {out}: is a file; give a folder (created if absent)")
     if force or not out.exists():
         return out
-    ours = _written(out)
-    for name in OUTPUTS:
+    ours = _written(out, record)
+    for name in outputs:
         path = out / name
         if path.exists() and ours.get(name) != _digest(path):
-            raise AnalysisError(f"--out {out}: {name} is there and was not written by analysis.frontier (or changed "
+            raise AnalysisError(f"--out {out}: {name} is there and was not written by {writer} (or changed "
                                 "since); pass --force to replace it, or choose another --out")
     return out
+
+
+def record_written(out: Path, outputs: tuple[str, ...] = OUTPUTS, record: str = WRITTEN) -> None:
+    """Note what was just written in `out` (each file's SHA-256), for `check_out` next time."""
+    (out / record).write_text(json.dumps({n: _digest(out / n) for n in outputs}, indent=1))
 
 
 def write_report(trials: pd.DataFrame, out_dir: str | Path, x: str = "gpu_hours", y: str = "score",
@@ -142,8 +174,8 @@ def write_report(trials: pd.DataFrame, out_dir: str | Path, x: str = "gpu_hours"
     name = ", ".join(map(str, studies)) or "study"
     fig = plots.frontier_plot(front, x=x, y=y, title=title or name, price=price)
     fig.savefig(out / "frontier.png", dpi=150)
-    (out / "table.md").write_text(report_markdown(front, f"{title or name}: {y} vs {x}"))
-    (out / WRITTEN).write_text(json.dumps({n: _digest(out / n) for n in OUTPUTS}, indent=1))
+    (out / "table.md").write_text(report_markdown(front, f"{title or name}: {y} vs {x}", trials))
+    record_written(out)
     return front
 
 
@@ -168,17 +200,17 @@ def log_study_frontier(tracking_uri: str | None, experiment: str, parent_run_id:
     return front
 
 
-class _BadInput(Exception):
+class BadInput(Exception):
     """Reported as one `error:` line and exit code 2."""
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     def error(self, message):  # argparse prints usage + error; we promise one line
-        raise _BadInput(message)
+        raise BadInput(message)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = _Parser(prog="python -m analysis.frontier", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="python -m analysis.frontier", description=__doc__.splitlines()[0])
     p.add_argument("--experiment", required=True, help="MLflow experiment (the study's name)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else ./mlflow.db)")
     p.add_argument("--x", default="gpu_hours", help="cost to minimise (default gpu_hours)")
@@ -193,7 +225,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="let trials an early-stopping scheduler stopped take part (default: left out and counted)")
     args = p.parse_args(argv)
     if args.price is not None and not args.price >= 0:
-        raise _BadInput(f"--price must be a non-negative number of dollars per node-hour, got {args.price}")
+        raise BadInput(f"--price must be a non-negative number of dollars per node-hour, got {args.price}")
     return args
 
 
@@ -206,21 +238,22 @@ def main(argv: list[str] | None = None) -> int:
             trials = reprice(trials, args.price)
         price = plots.price_of(trials) if args.dollars_axis else None
         if args.dollars_axis and price is None:
-            raise _BadInput("--dollars-axis: the trials were costed at several prices per node-hour (or none); "
+            raise BadInput("--dollars-axis: the trials were costed at several prices per node-hour (or none); "
                             "pass --price")
         front = write_report(trials, out, x=args.x, y=args.y, title=args.experiment,
                              include_stopped=args.include_stopped, price=price, force=args.force)
-    except (_BadInput, AnalysisError) as e:
+    except (BadInput, AnalysisError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(front.summary())
-    print(f"\nFrontier of {args.y} against {args.x} (cheapest first):")
-    print(formatted(frontier_table(front)).to_string(index=False))
+    print(f"\nFrontier of {args.y} against {args.x} (cheapest first"
+          + ("; with the contenders off it: not significantly dominated" if "contender" in front.trials else "") + "):")
+    print(formatted(frontier_table(front, contenders=True)).to_string(index=False))
     print("\nBy model size x method x LoRA rank (costs: means over the row's trials):")
-    print(tables.to_text(tables.by_size_method(front.trials)))
+    print(tables.to_text(tables.by_size_method(trials)))
     print("\nEffect of each factor:")
-    print(tables.to_text(tables.factor_effects(front.trials)))
-    forecast = tables.forecast_vs_measured(front.trials)
+    print(tables.to_text(tables.factor_effects(trials)))
+    forecast = tables.forecast_vs_measured(trials)
     if not forecast.empty:
         print("\nForecast vs measured cost per trial (ratio = measured / forecast):")
         print(tables.to_text(forecast))

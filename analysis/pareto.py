@@ -7,6 +7,7 @@
     front.trials        # every trial, with `on_frontier` and `excluded` (why it was left out)
     front.frontier      # the frontier's trials, cheapest first
     front.excluded      # {"failed": 2, "stopped early": 3, "missing gpu_hours": 1, ...}
+    front.trials["contender"]  # not significantly dominated (where the score has an interval)
 
 Definition. Trial A dominates trial B when A is at least as good as B on every
 objective and strictly better on at least one. The frontier is exactly the set of
@@ -25,6 +26,20 @@ partial cost and would otherwise sit on the frontier looking cheap. A trial that
 early-stopping scheduler stopped (its run is KILLED with a `stopped_early` tag, the
 `stopped_early` column of analysis.runs) takes part only with `include_stopped=True`,
 with the metrics it logged before it was stopped.
+
+Seeds. When the trials that take part were run at several seeds (their `seed` param
+varies), the points are configurations, not trials: each configuration's mean over its
+seeds (analysis.tables.over_seeds: every metric averaged, the score's interval the t
+interval over seeds, `seeds` counts them, `run_id` lists the runs "id1,id2"); one noisy
+seed would otherwise win the frontier by luck. `Frontier.trials` then holds one row per
+configuration that took part plus one per trial left out. `over_seeds=False` keeps trials.
+
+Noise. Where the score has a 95% interval (`score_ci_low`, `score_ci_high`: Wilson over
+the questions, or t over seeds), a point is significantly dominated when another costs
+no more (the first cost, e.g. gpu_hours) and its interval's low end lies above this
+point's high end. `contender` is True for the points that are not: they may belong on
+the frontier for all the evaluation can tell (every frontier point is one). It is <NA>
+for a point without an interval, which also dominates no other.
 """
 
 from __future__ import annotations
@@ -36,6 +51,7 @@ from typing import Iterable, Mapping
 import numpy as np
 import pandas as pd
 
+from analysis import tables
 from analysis.runs import STOPPED_TAG, AnalysisError
 from tracking import metrics
 from trainables.config import TrialConfig
@@ -75,20 +91,24 @@ def pareto_mask(costs: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Frontier:
-    trials: pd.DataFrame  # every trial: `on_frontier` (bool) and `excluded` ("" when it took part)
+    trials: pd.DataFrame  # every trial (configuration): `on_frontier` (bool), `excluded` ("" when it took part)
     objectives: dict[str, str]
     excluded: dict[str, int] = field(default_factory=dict)
+    over_seeds: bool = False  # the points that took part are configurations: means over their seeds
 
     @property
     def costs(self) -> list[str]:
         return [c for c, d in self.objectives.items() if d == "min"]
 
+    def in_order(self, rows: pd.DataFrame) -> pd.DataFrame:
+        """`rows` sorted as the frontier is listed: by the first cost (cheapest first), then the objectives."""
+        keys = self.costs[:1] + [c for c in self.objectives if c not in self.costs[:1]]
+        return rows.sort_values(keys, ascending=[self.objectives[c] == "min" for c in keys], kind="stable")
+
     @property
     def frontier(self) -> pd.DataFrame:
         """The frontier's trials, sorted by the first cost (cheapest first), then the first objective."""
-        keys = self.costs[:1] + [c for c in self.objectives if c not in self.costs[:1]]
-        asc = [self.objectives[c] == "min" for c in keys]
-        return self.trials[self.trials["on_frontier"]].sort_values(keys, ascending=asc, kind="stable")
+        return self.in_order(self.trials[self.trials["on_frontier"]])
 
     @property
     def considered(self) -> pd.DataFrame:
@@ -98,8 +118,15 @@ class Frontier:
     def summary(self) -> str:
         left_out = ", ".join(f"{n} {why}" for why, n in sorted(self.excluded.items())) or "none"
         names = " vs ".join(f"{c} ({d})" for c, d in self.objectives.items())
-        return (f"{len(self.trials)} trials, {len(self.considered)} considered, "
-                f"{int(self.trials['on_frontier'].sum())} on the frontier of {names}; left out: {left_out}")
+        on = int(self.trials["on_frontier"].sum())
+        if not self.over_seeds:
+            return (f"{len(self.trials)} trials, {len(self.considered)} considered, "
+                    f"{on} on the frontier of {names}; left out: {left_out}")
+        seeds = self.considered["seeds"]
+        trials = int(seeds.sum()) + len(self.trials) - len(seeds)
+        span = f"{seeds.min():.0f}" + (f"-{seeds.max():.0f}" if seeds.max() > seeds.min() else "")
+        return (f"{trials} trials, {int(seeds.sum())} considered as {len(seeds)} configurations (means over "
+                f"{span} seeds), {on} on the frontier of {names}; left out: {left_out}")
 
 
 def require_columns(df: pd.DataFrame, columns: Iterable[str]) -> None:
@@ -113,11 +140,13 @@ def require_columns(df: pd.DataFrame, columns: Iterable[str]) -> None:
 
 def frontier(trials: pd.DataFrame, y: str = "score", x: str = "gpu_hours",
              objectives: Iterable[str] | Mapping[str, str] | None = None, *,
-             include_stopped: bool = False) -> Frontier:
+             include_stopped: bool = False, over_seeds: bool = True) -> Frontier:
     """The Pareto frontier of `y` (maximised) against `x` (minimised), or of several `objectives`.
 
     `include_stopped`: trials an early-stopping scheduler stopped take part (default: left out and
-    counted as "stopped early", since their score and cost are those of an unfinished run).
+    counted as "stopped early", since their score and cost are those of an unfinished run); they are
+    never averaged with finished seeds. `over_seeds`: configurations run at several seeds take part as
+    their means (see the module's docstring).
     Raises AnalysisError for an unknown column, or when no trial is finished with every objective.
     """
     if objectives is None and x == y:
@@ -137,13 +166,37 @@ def frontier(trials: pd.DataFrame, y: str = "score", x: str = "gpu_hours",
     if not use.any():
         why = ", ".join(f"{n} {r}" for r, n in sorted(Counter(df["excluded"]).items()))
         raise AnalysisError(f"no finished trials with {', '.join(goals)} to compare ({why})")
+    excluded = dict(Counter(r for r in df["excluded"] if r))
+    pooled = use & ~stopped
+    seeded = over_seeds and "seed" in df and df.loc[pooled, "seed"].nunique() > 1
+    if seeded:
+        means = tables.seed_means(tables.tidy(df[pooled])).assign(excluded="")
+        rest = df[~pooled].assign(seeds=np.where(use[~pooled], 1, np.nan))  # left out, or stopped and let in
+        df = pd.concat([means, rest], ignore_index=True) if len(rest) else means
+        use = df["excluded"] == ""
     # Flip the maximised objectives so that lower is better everywhere.
     signs = np.array([-1.0 if d == "max" else 1.0 for d in goals.values()])
     values = df.loc[use, list(goals)].to_numpy(dtype=float) * signs
     df["on_frontier"] = False
     df.loc[use, "on_frontier"] = pareto_mask(values)
-    excluded = dict(Counter(r for r in df["excluded"] if r))
-    return Frontier(df, goals, excluded)
+    score = next((c for c, d in goals.items() if d == "max"), None)
+    cost = next((c for c, d in goals.items() if d == "min"), None)
+    if score and cost and {score + "_ci_low", score + "_ci_high"} <= set(df.columns):
+        df["contender"] = pd.Series(pd.NA, index=df.index, dtype="boolean")
+        df.loc[use, "contender"] = contenders(df[use], cost, score)
+    return Frontier(df, goals, excluded, over_seeds=seeded)
+
+
+def contenders(points: pd.DataFrame, cost: str, score: str) -> pd.Series:
+    """True for each point that no other point significantly dominates: none costs no more and has a
+    score interval (`<score>_ci_low` .. `<score>_ci_high`) wholly above this point's. <NA> for a point
+    without an interval or cost; such a point dominates no other either."""
+    low, high, x = points[score + "_ci_low"], points[score + "_ci_high"], points[cost]
+    known = low.notna() & high.notna() & x.notna()
+    out = pd.Series(pd.NA, index=points.index, dtype="boolean")
+    for i in points.index[known]:
+        out[i] = not ((x[known] <= x[i]) & (low[known] > high[i])).any()
+    return out
 
 
 def _stopped(df: pd.DataFrame) -> pd.Series:

@@ -1,8 +1,10 @@
 """Figures of a study, with matplotlib's object API on the Agg canvas.
 
     from analysis import plots
-    fig = plots.frontier_plot(front)          # every trial; the frontier as a step line, labelled
+    fig = plots.frontier_plot(front)          # every trial; the frontier as a step line, labelled;
+                                              # error bars where the score has an interval
     fig = plots.frontier_plot(front, price=13.63)  # and a dollars axis on top (x = gpu_hours)
+    fig = plots.effects_plot(report.assess(trials))  # each direction's effect, its interval, its threshold
     fig.savefig("frontier.png", dpi=150)
 
 Axes read at any scale: plain tick labels with the decimals the ticks need (0.0002,
@@ -176,15 +178,28 @@ def frontier_plot(front: Frontier, x: str | None = None, y: str | None = None, t
     labelled, and for two objectives the frontier as a step: the best score reachable for a budget.
     `title` (e.g. the study's name) goes before the counts in the figure's title. `price` (dollars per
     node-hour) adds a dollars axis on top when x is `gpu_hours` (see `price_of`). Trials stopped early
-    (taking part only with `frontier(..., include_stopped=True)`) are crossed."""
+    (taking part only with `frontier(..., include_stopped=True)`) are crossed. Where y has a 95% interval
+    (`<y>_ci_low`, `<y>_ci_high`) it is drawn as an error bar, and the points significantly dominated
+    (`contender` False, analysis.pareto) are drawn hollow, the others filled."""
     x = x or front.costs[0]
     y = y or next((c for c, d in front.objectives.items() if d == "max"), front.costs[-1])
     df = front.considered
     df = df.assign(**{c: "?" for c in ("method", "model_size") if c not in df})  # frames made by hand
     colors, markers = _styles(df)
     fig, ax = _figure()
+    ends = [y + "_ci_low", y + "_ci_high"]
+    bars = df[df[ends].notna().all(axis=1)] if set(ends) <= set(df.columns) else df.iloc[0:0]
+    dominated = (df["contender"].eq(False).fillna(False).astype(bool) if "contender" in df
+                 else pd.Series(False, index=df.index))
     for (method, size), group in df.groupby(["method", "model_size"], sort=False):
-        ax.scatter(group[x], group[y], c=colors[method], marker=markers[size], s=36, alpha=0.75, linewidths=0)
+        style = {"marker": markers[size], "s": 36}
+        if len(shown := bars.loc[bars.index.intersection(group.index)]):
+            ax.errorbar(shown[x], shown[y], yerr=[shown[y] - shown[ends[0]], shown[ends[1]] - shown[y]], fmt="none",
+                        ecolor=colors[method], elinewidth=0.8, capsize=2, alpha=0.45, zorder=1)
+        filled, hollow = group[~dominated[group.index]], group[dominated[group.index]]
+        ax.scatter(filled[x], filled[y], c=colors[method], alpha=0.75, linewidths=0, **style)
+        if len(hollow):
+            ax.scatter(hollow[x], hollow[y], facecolors="none", edgecolors=colors[method], linewidths=1, **style)
     stopped = df[df[STOPPED_TAG].notna()] if STOPPED_TAG in df else df.iloc[0:0]
     if len(stopped):
         ax.scatter(stopped[x], stopped[y], marker="x", c="black", s=24, linewidths=0.8, zorder=3)
@@ -201,12 +216,18 @@ def frontier_plot(front: Frontier, x: str | None = None, y: str | None = None, t
     handles = [Line2D([], [], color=c, marker="o", linestyle="", label=m) for m, c in colors.items()]
     handles += [Line2D([], [], color="grey", marker=mk, linestyle="", label=s) for s, mk in markers.items()]
     handles.append(Line2D([], [], color="black", marker="o", markerfacecolor="none", label="frontier"))
+    if len(bars):
+        handles.append(Line2D([], [], color="grey", marker="|", markersize=10, linestyle="", label="95% interval"))
+    if dominated.any():
+        handles.append(Line2D([], [], color="grey", marker="o", markerfacecolor="none", linestyle="",
+                              label="significantly dominated"))
     if len(stopped):
         handles.append(Line2D([], [], color="black", marker="x", linestyle="", label="stopped early"))
     ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # never over a point
     ax.grid(True, alpha=0.3)
     left_out = sum(front.excluded.values())
-    heading = (f"{title}: " if title else "") + f"Pareto frontier, {len(on)} of {len(df)} trials" \
+    points = "configurations (seed means)" if front.over_seeds else "trials"
+    heading = (f"{title}: " if title else "") + f"Pareto frontier, {len(on)} of {len(df)} {points}" \
         + (f" ({left_out} unfinished or incomplete left out)" if left_out else "")
     ax.set_title(heading, fontsize=10)
     unlabelled = _place_labels(fig, ax, on[x].to_numpy(), on[y].to_numpy(),
@@ -329,4 +350,36 @@ def stage_cost_plot(trials: pd.DataFrame, by: tuple[str, ...] = ("model_size", "
     ax.set_title("Cost per stage", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(True, axis="y", alpha=0.3)
+    return fig
+
+
+VERDICT_COLORS = {"holds": "tab:green", "not resolved": "tab:orange", "does not hold": "tab:red"}
+
+
+def effects_plot(effects: pd.DataFrame) -> Figure:
+    """A forest plot of analysis.report.assess's table: per direction (top to bottom) its effect in score
+    points with its 95% interval, coloured by verdict, and the claim's finite bounds (`low`, `high`) as
+    short dashed lines; a direction not measured says so in place of a point."""
+    fig, ax = _figure(8.0, 0.5 * len(effects) + 1.6)
+    rows = range(len(effects))
+    for i, r in zip(rows, effects.itertuples()):
+        if pd.isna(r.effect):
+            ax.text(0.02, i, f"not measured: {r.note}", transform=ax.get_yaxis_transform(), va="center", fontsize=7.5,
+                    color="grey")
+            continue
+        for bound in (r.low, r.high):
+            if math.isfinite(bound):
+                ax.plot([bound, bound], [i - 0.35, i + 0.35], color="black", linestyle="--", linewidth=1)
+        ax.errorbar(r.effect, i, xerr=[[r.effect - r.effect_ci_low], [r.effect_ci_high - r.effect]], fmt="o",
+                    color=VERDICT_COLORS.get(r.verdict, "grey"), capsize=3)
+    ax.axvline(0, color="grey", linewidth=0.6)
+    ax.set_yticks(list(rows), [f"{r.direction}. {r.finding}" for r in effects.itertuples()], fontsize=8)
+    ax.set_ylim(len(effects) - 0.5, -0.5)  # the first direction on top
+    ax.set_xlabel("effect (score points, 0-100 scale): A - B with its 95% interval")
+    _plain_axis(ax.xaxis)
+    handles = [Line2D([], [], color=c, marker="o", label=v) for v, c in VERDICT_COLORS.items()]
+    handles.append(Line2D([], [], color="black", linestyle="--", label="the claim's bound"))
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.set_title("The papers' directions: effect and 95% interval", fontsize=10)
     return fig

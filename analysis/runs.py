@@ -44,6 +44,7 @@ RATIOS = {"gpu_hours_ratio": ("forecast_gpu_hours", "gpu_hours"), "dollars_ratio
 FORMATS = {**{name: m.fmt for name, m in METRICS.items()},
            "lr": "{:.2e}", "lora_alpha": "{:g}", "alpha_per_rank": "{:g}", "mix_ratio": "{:g}",
            "score_best": "{:.1f}", "score_mean": "{:.1f}", "score_std": "{:.1f}", "stopped_early": "{:.0f}",
+           "seeds": "{:.0f}", "effect": "{:+.1f}",
            **{ratio: "{:.2f}" for ratio in RATIOS}}
 # A 95% interval's ends (`score_ci_low`, `score_ci_high`) read like the metric they bound.
 INTERVAL_ENDS = ("_ci_low", "_ci_high")

@@ -262,7 +262,9 @@ def study_note(study: str, experiment_id: str, summary: dict, table, trials_tota
         cells = [_cell(v) for v in row]
         if "run_name" in view.columns:
             at = list(view.columns).index("run_name")
-            cells[at] = f"[{cells[at]}]({run_link(experiment_id, run_id)})"
+            seeds = str(run_id).split(",")  # a configuration's seeds: linked to the first, counted
+            cells[at] = f"[{cells[at]}]({run_link(experiment_id, seeds[0])})" + \
+                (f" ({len(seeds)} seeds)" if len(seeds) > 1 else "")
         rows.append("| " + " | ".join(cells) + " |\n")
     body, shown = header, 0
     for line in rows:
@@ -306,7 +308,9 @@ def finish_study_run(client: MlflowClient, experiment_id: str, parent: str, stud
     now = int(time.time() * 1000)
     client.log_batch(parent, metrics=[Metric(k, float(v), now, 0) for k, v in summary.items()])
     if front is not None:
-        on = set(front.trials.loc[front.trials["on_frontier"].astype(bool), "run_id"])
+        # a configuration run at several seeds is one frontier row whose run_id joins its seeds' runs
+        on = {run_id for ids in front.trials.loc[front.trials["on_frontier"].astype(bool), "run_id"]
+              for run_id in str(ids).split(",")}
         for run in runs:
             client.set_tag(run.info.run_id, ON_FRONTIER, "true" if run.info.run_id in on else "false")
     table = frontier_table(front) if front is not None else None

@@ -323,3 +323,98 @@ def test_cli_includes_stopped_trials_on_request(store, tmp_path, capsys):
     assert on == FRONTIER_WITH_STOPPED | {OTHER_TRIAL[:2]}  # the stopped trial beats both 0.3m trials
     assert "stopped early" not in printed.splitlines()[0] and "stopped_early" in printed
     assert csv.loc[csv["stopped_early"].notna(), "stopped_early"].tolist() == [STOPPED_STEP]
+
+
+# --- several seeds per configuration: means with their t interval; intervals on the frontier ---
+
+def seeds_study() -> pd.DataFrame:
+    """Two LoRA configurations at 1m (r8 at three seeds, r16 at two), one at 0.3m with one seed, a failed seed."""
+    rows = []
+    for size, rank, scores, texts, hours in [("1m", 8, [50.0, 52.0, 57.0], [70.0, 72.0, np.nan], [1.0, 1.2, 1.1]),
+                                             ("1m", 16, [60.0, 64.0], [75.0, 77.0], [2.0, 2.2]),
+                                             ("0.3m", 8, [40.0], [60.0], [0.5])]:
+        for seed, (score, text, h) in enumerate(zip(scores, texts, hours)):
+            rows.append({"run_id": f"{size}-{rank}-{seed}", "run_name": f"{size} r{rank} seed={seed}",
+                         "status": "FINISHED", "experiment": "e", "method": "lora", "model_size": size,
+                         "lora_rank": rank, "lora_alpha": 2.0 * rank, "lr": 1e-3, "seed": seed, "score": score,
+                         "score_n": 300.0, "score_ci_low": score - 5.5, "score_ci_high": score + 5.4,
+                         "text_score": text, "gpu_hours": h, "dollars": h * 13.63})
+    rows.append({**rows[0], "run_id": "failed", "status": "FAILED", "seed": 9, "score": np.nan})
+    return pd.DataFrame(rows)
+
+
+def test_over_seeds_gives_each_configuration_its_mean_and_t_interval():
+    from tracking.intervals import mean_interval
+
+    configs = tables.over_seeds(seeds_study()).set_index("run_id")
+    assert list(configs.index) == ["1m-8-0,1m-8-1,1m-8-2", "1m-16-0,1m-16-1", "0.3m-8-0"]  # the failed seed is out
+    r8 = configs.loc["1m-8-0,1m-8-1,1m-8-2"]
+    for score, values in (("score", [50, 52, 57]), ("text_score", [70, 72])):  # a seed without text_score: 2 values
+        expected = mean_interval(values)
+        assert (r8[score], r8[score + "_ci_low"], r8[score + "_ci_high"]) == pytest.approx(
+            (expected.value, expected.low, expected.high))
+    assert r8["seeds"] == 3 and r8["gpu_hours"] == pytest.approx(1.1) and r8["dollars"] == pytest.approx(1.1 * 13.63)
+    assert r8["run_name"] == "1m r8" and "seed" not in configs and r8["lora_rank"] == 8
+    one = configs.loc["0.3m-8-0"]  # one seed keeps its evaluation's (Wilson) interval
+    assert (one["score"], one["score_ci_low"], one["score_ci_high"], one["seeds"]) == (40.0, 34.5, 45.4, 1)
+
+
+def test_tables_show_mean_and_interval_when_a_study_has_several_seeds():
+    from tracking.intervals import mean_interval
+
+    df = seeds_study()
+    table = tables.by_size_method(df).set_index(["model_size", "lora_rank"])
+    assert list(table.columns[:8]) == ["method", "trials", "seeds", "score_best", "score_best_ci_low",
+                                       "score_best_ci_high", "score_mean", "score_mean_ci_low"]
+    r16 = table.loc[("1m", 16)]
+    expected = mean_interval([60, 64])
+    assert (r16["score_best"], r16["score_best_ci_low"], r16["score_best_ci_high"]) == pytest.approx(
+        (expected.value, expected.low, expected.high))  # the best configuration's mean, not its luckiest seed
+    effects = tables.factor_effects(df)
+    one_m = effects[(effects["factor"] == "model_size") & (effects["level"] == "1m")].iloc[0]
+    expected = mean_interval([50, 52, 57, 60, 64])  # the level's mean over its trials
+    assert (one_m["trials"], one_m["seeds"], one_m["score_mean"], one_m["score_mean_ci_low"]) == pytest.approx(
+        (5, 3, expected.value, expected.low))
+    assert one_m["score_best"] == pytest.approx(62.0)
+    # one seed: the tables as before, no interval columns
+    single = df[df["seed"] == 0]
+    assert not any("_ci_" in c for c in tables.by_size_method(single).columns) and "seeds" not in \
+        tables.factor_effects(single)
+
+
+def test_frontier_plot_draws_intervals_and_the_significantly_dominated_hollow():
+    from matplotlib.collections import LineCollection, PathCollection
+
+    df = pd.DataFrame({"run_id": list("abcd"), "status": "FINISHED", "method": "lora", "model_size": "1m",
+                       "score": [30.0, 50.0, 60.0, 40.0], "score_ci_low": [20.0, 45.0, 57.0, 38.0],
+                       "score_ci_high": [40.0, 55.0, 63.0, 42.0], "gpu_hours": [0.5, 1.0, 1.0, 3.0]})
+    front = frontier(df)
+    assert front.trials.set_index("run_id")["contender"].to_dict() == {"a": True, "b": False, "c": True, "d": False}
+    fig = plots.frontier_plot(front)
+    fig.savefig(io.BytesIO(), format="png")
+    ax = fig.axes[0]
+    (bars,) = [c for c in ax.collections if isinstance(c, LineCollection)]
+    assert sorted(tuple(np.round(seg[:, 1], 6)) for seg in bars.get_segments()) == sorted(
+        zip(df["score_ci_low"], df["score_ci_high"]))  # one bar per point, from its interval's low to its high
+    hollow = [c for c in ax.collections if isinstance(c, PathCollection) and len(c.get_offsets())
+              and len(c.get_facecolor()) == 0]
+    points = {tuple(p) for c in hollow if c.get_sizes()[0] < 100 for p in c.get_offsets()}
+    assert points == {(1.0, 50.0), (3.0, 40.0)}  # b and d, drawn hollow
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "significantly dominated" in legend and "95% interval" in legend
+    plain = plots.frontier_plot(frontier(df.drop(columns=["score_ci_low", "score_ci_high"]))).axes[0]
+    assert not [c for c in plain.collections if isinstance(c, LineCollection)]
+    assert "significantly dominated" not in [t.get_text() for t in plain.get_legend().get_texts()]
+
+
+def test_frontier_report_of_a_seeded_study_lists_configurations_and_contenders(tmp_path):
+    from analysis.frontier import write_report
+
+    write_report(seeds_study(), tmp_path)
+    csv = pd.read_csv(tmp_path / "frontier.csv")
+    assert list(csv["run_id"]) == ["1m-8-0,1m-8-1,1m-8-2", "1m-16-0,1m-16-1", "0.3m-8-0", "failed"]
+    assert list(csv.columns[:5]) == ["run_id", "status", "experiment", "run_name", "seeds"]
+    assert csv["seeds"].tolist()[:3] == [3, 2, 1] and csv["excluded"].tolist()[-1] == "failed"
+    text = (tmp_path / "table.md").read_text()
+    assert "considered as 3 configurations (means over 1-3 seeds)" in text and "| contender |" in text
+    assert "| 1m | lora | 8 | 3 | 3 | 53.0 |" in text  # the size table counts trials (and seeds), not configurations

@@ -125,3 +125,63 @@ def test_trials_stopped_early_are_left_out_unless_included():
         frontier(trials(("stopped", 60, 0.5, "KILLED"), stopped_early=[4]))
     assert names_on(frontier(trials(("stopped", 60, 0.5, "KILLED"), stopped_early=[4]), include_stopped=True)) \
         == ["stopped"]
+
+
+# --- noise: significantly dominated points, and configurations run at several seeds ---
+
+def test_contenders_are_the_points_no_cheaper_interval_lies_wholly_above():
+    # b beats a at the same cost with an interval wholly above a's; c is beaten by b on the means but the
+    # intervals overlap; d is far below b for more money; g scores highest but costs more than h, so it
+    # dominates nothing cheaper; f has no interval: it is judged by nobody and judges nobody.
+    df = trials(("e", 30, 0.5), ("f", 20, 0.8), ("h", 35, 0.9), ("a", 50, 1.0), ("b", 60, 1.0), ("c", 58, 2.0),
+                ("d", 40, 3.0), ("g", 90, 5.0),
+                score_ci_low=[10, np.nan, 33, 45, 57, 52, 38, 88], score_ci_high=[50, np.nan, 37, 55, 63, 64, 42, 92])
+    front = frontier(df)
+    assert names_on(front) == ["e", "h", "b", "g"]
+    contender = dict(zip(front.trials["run_id"], front.trials["contender"]))
+    assert {k: v for k, v in contender.items() if not pd.isna(v)} == {
+        "e": True, "h": True, "a": False, "b": True, "c": True, "d": False, "g": True}
+    assert pd.isna(contender["f"])
+    # without an interval there is nothing to judge by: no column
+    assert "contender" not in frontier(df.drop(columns=["score_ci_low", "score_ci_high"])).trials
+
+
+def seeded(**configs) -> pd.DataFrame:
+    """Trials of configurations name=(lora_rank, gpu_hours per seed, scores per seed), seeds 0, 1, 2, ..."""
+    rows = []
+    for name, (rank, hours, scores) in configs.items():
+        rows += [{"run_id": f"{name}{seed}", "run_name": f"1m r{rank} seed={seed}", "status": "FINISHED",
+                  "method": "lora", "model_size": "1m", "lora_rank": rank, "seed": seed, "score": score,
+                  "score_ci_low": score - 5.0, "score_ci_high": score + 5.0, "gpu_hours": hours[seed]}
+                 for seed, score in enumerate(scores)]
+    return pd.DataFrame(rows)
+
+
+def test_configurations_run_at_several_seeds_take_part_as_their_means():
+    from tracking.intervals import mean_interval
+
+    # b's luckiest seed (75) tops every trial, but on average b (45) is below a (50) at the same cost
+    df = seeded(a=(8, [1.0, 1.1, 0.9], [50, 49, 51]), b=(16, [1.0, 1.0, 1.0], [30, 30, 75]))
+    df = pd.concat([df, trials(("failed", np.nan, 0.1, "FAILED"))], ignore_index=True)
+    assert names_on(frontier(df, over_seeds=False)) == ["a2", "b2"]  # trial by trial: b's lucky seed is on it
+    front = frontier(df)
+    assert names_on(front) == ["a0,a1,a2"] and front.over_seeds
+    a = front.trials.set_index("run_id").loc["a0,a1,a2"]
+    expected = mean_interval([50, 49, 51])  # the t interval over seeds replaces one evaluation's interval
+    assert (a["score"], a["score_ci_low"], a["score_ci_high"]) == pytest.approx((expected.value, expected.low,
+                                                                                  expected.high))
+    assert a["seeds"] == 3 and a["gpu_hours"] == pytest.approx(1.0) and a["run_name"] == "1m r8"
+    assert front.excluded == {"failed": 1} and front.trials["excluded"].tolist().count("failed") == 1
+    assert front.summary().startswith("7 trials, 6 considered as 2 configurations (means over 3 seeds), "
+                                      "1 on the frontier")
+    assert bool(front.trials.set_index("run_id").loc["b0,b1,b2", "contender"])  # b's wide interval overlaps a's
+
+
+def test_a_stopped_seed_is_never_averaged_with_the_finished_ones():
+    df = seeded(a=(8, [1.0, 1.0], [50, 52]))
+    stopped = {**df.iloc[0].to_dict(), "run_id": "a_stopped", "seed": 2, "status": "KILLED", "score": 90.0,
+               "gpu_hours": 0.2, "stopped_early": 4}
+    df = pd.concat([df, pd.DataFrame([stopped])], ignore_index=True)
+    assert frontier(df).trials.set_index("run_id")["score"].to_dict() == {"a0,a1": 51.0, "a_stopped": 90.0}
+    included = frontier(df, include_stopped=True).trials.set_index("run_id")
+    assert included["seeds"].to_dict() == {"a0,a1": 2, "a_stopped": 1} and included["on_frontier"]["a_stopped"]

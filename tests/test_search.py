@@ -415,6 +415,9 @@ def test_seeds_run_every_configuration_at_each_seed_and_every_score_carries_its_
         expected = wilson(round(m["score"] * 24 / 100), 24)
         assert (m["score_ci_low"], m["score_ci_high"]) == (pytest.approx(expected.low), pytest.approx(expected.high))
         assert m["score_ci_low"] < m["score_ci_high"]
+    # the frontier is drawn over configurations (the mean of their seeds): every seed's run carries its tag
+    tags = {lr: {t.data.tags["on_frontier"] for t in trials if t.data.params["lr"] == lr} for lr in ("0.001", "0.003")}
+    assert all(len(v) == 1 for v in tags.values()) and {"true"} in tags.values(), tags
     # Optuna heard each configuration once, with the mean over its seeds
     state = pickle.loads(open(sorted(glob.glob(str(tmp_path / "studies" / "tune" / "seeded" /
                                                    "searcher-state-*.pkl")))[-1], "rb").read())

@@ -1,0 +1,384 @@
+"""Do the papers' seven directions hold in our studies? Each effect with its 95% interval and a verdict.
+
+    python -m analysis.report --experiment paper_table4 --experiment paper_table3 [--tracking-uri URI]
+        [--out docs] [--force]
+
+Prints the table and writes OUT/REPORT.md (default OUT: docs/) with the command that made it, the
+trials and seeds per experiment, the table, and its plots beside it: report-directions.png (each
+direction's effect, its interval and its threshold) and report-frontier-<experiment>.png. Files in
+OUT that this command did not write (or that changed since it did) are never replaced unless
+`--force` (analysis.frontier.check_out's rule). Exit 0 on success, 2 on bad input (one `error:`
+line naming the experiment, store or file), 1 otherwise.
+
+Sources, stated as their authors found them (qualitatively; the numbers are theirs to quote):
+- Lu et al. 2023, "An Empirical Study of Scaling Instruct-Tuned Large Multimodal Models" (LLaVA
+  at 33B and 65B): directions 1-6.
+- Luo et al. 2023, "Cheap and Quick: Efficient Vision-Language Instruction Tuning for Large Language
+  Models" (LaVIN, mixture-of-modality adaptation, MMA): direction 7.
+
+An effect is mean(A) - mean(B) in score points (0-100) over two groups of finished trials, one
+trial being one seed of one configuration, with Welch's 95% t interval
+(tracking.intervals.difference). The groups are matched where the data allows: first on every
+other param both groups have (so a configuration counts only if its twin was run at the other
+level), then on fewer (e.g. the same model sizes), and compared unmatched only where a direction
+allows it; the table's `matched_on` says which. "The paper's LoRA" is the recipe the scaling paper
+recommends: lora trials with alpha = 2 x rank at the highest lr of the lora trials (direction 3
+takes its largest rank, the paper's comparison with full fine-tuning; direction 7 whichever
+ranks the matching finds twins at).
+
+Verdicts: "holds" (the whole interval lies where the paper says), "not resolved" (the estimate
+does, but the interval is too wide to show it), "does not hold" (the estimate does not),
+"not measured" (a group has fewer than 2 trials; `note` says which). The experiments' trials are
+pooled, so a direction may come from any of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from analysis import plots, tables
+from analysis.frontier import BadInput, OneLineParser, check_out, default_out, record_written
+from analysis.pareto import frontier
+from analysis.runs import AnalysisError, formatted, load_studies
+from tracking.intervals import Interval, difference
+
+HOLDS, NOT_RESOLVED, DOES_NOT_HOLD, NOT_MEASURED = "holds", "not resolved", "does not hold", "not measured"
+REPORT, FOREST = "REPORT.md", "report-directions.png"
+WRITTEN = ".analysis-report.json"
+LU, LUO = "Lu et al. 2023", "Luo et al. 2023, LaVIN"
+SHOWN = ["direction", "finding", "compared", "n_a", "n_b", "effect", "effect_ci_low", "effect_ci_high", "claim",
+         "verdict", "matched_on", "note"]
+
+
+class NotMeasured(Exception):
+    """A direction the trials cannot measure; the message says which group is missing or too small."""
+
+
+@dataclass
+class Comparison:
+    """Two groups of trials (A - B is the effect), what they are and were matched on, and `fails`: the
+    direction does not hold whatever the effect (a second condition unmet; the note says which)."""
+    a: pd.DataFrame
+    b: pd.DataFrame
+    compared: str
+    matched_on: str
+    note: str = ""
+    fails: bool = False
+
+
+@dataclass(frozen=True)
+class Direction:
+    number: int
+    finding: str                 # short, for the table and the plot
+    paper: str                   # what the paper found, in words
+    source: str
+    low: float                   # the effect the finding allows: low .. high (score points)
+    high: float
+    closed: bool                 # whether the bounds themselves are allowed
+    compare: Callable[[pd.DataFrame], Comparison]
+    metric: str = "score"
+
+    @property
+    def claim(self) -> str:
+        if self.high == np.inf:
+            return f"{'>=' if self.closed else '>'} {self.low:g}"
+        if self.low == -np.inf:
+            return f"{'<=' if self.closed else '<'} {self.high:g}"
+        return f"within [{self.low:g}, {self.high:g}]"
+
+    def allows(self, value: float) -> bool:
+        return self.low <= value <= self.high if self.closed else self.low < value < self.high
+
+
+# --- the groups ---
+
+def matched(a: pd.DataFrame, b: pd.DataFrame, free: set[str], fallbacks: list[list[str]] = ()) -> tuple:
+    """(A, B, what they were matched on): the trials of each whose configuration has a twin in the other,
+    first on every param both groups have but `free` (and the seed), then on each of `fallbacks` in turn
+    ([]: unmatched), keeping the first that leaves 2 trials a side (else the last)."""
+    params = [c for c in tables.configuration_keys(a) if c != "experiment" and c not in free
+              and c in b and a[c].notna().any() and b[c].notna().any()]
+    tries = [(params, "every other param")] + [(on, ", ".join(on) or "nothing (unmatched)") for on in fallbacks]
+    for on, said in tries:
+        ma, mb = _twins(a, b, [c for c in on if c in a and c in b])
+        if len(ma) >= 2 and len(mb) >= 2:
+            break
+    return ma, mb, said
+
+
+def _twins(a: pd.DataFrame, b: pd.DataFrame, on: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The trials of a and of b whose values of `on` occur in the other group (all of them for no `on`)."""
+    if not on:
+        return a, b
+    ids = pd.concat([a[on], b[on]], ignore_index=True).groupby(on, dropna=False, sort=False).ngroup().to_numpy()
+    ids_a, ids_b = ids[:len(a)], ids[len(a):]
+    return a[np.isin(ids_a, ids_b)], b[np.isin(ids_b, ids_a)]
+
+
+def _need(group: pd.DataFrame, what: str) -> pd.DataFrame:
+    if len(group) < 2:
+        raise NotMeasured(f"{what}: {len(group)} trial{'s' * (len(group) != 1)} (needs 2)")
+    return group
+
+
+def _method(df: pd.DataFrame, name: str) -> pd.DataFrame:
+    return df[df["method"] == name] if "method" in df else df.iloc[0:0]
+
+
+def _extremes(df: pd.DataFrame, column: str, what: str, key=None) -> tuple:
+    """(largest level, smallest level) of `column` in df; NotMeasured when it has one level or none."""
+    levels = sorted(df[column].dropna().unique(), key=key) if column in df else []
+    if len(levels) < 2:
+        raise NotMeasured(f"{what} at {len(levels)} {column} level{'s' * (len(levels) != 1)}"
+                          + (f" ({levels[0]})" if levels else ""))
+    return levels[-1], levels[0]
+
+
+def paper_lora(df: pd.DataFrame, largest_rank: bool = False) -> pd.DataFrame:
+    """The scaling paper's LoRA recipe: lora trials with alpha = 2 x rank at the highest lr of the lora
+    trials (of the largest such rank if `largest_rank`)."""
+    lora = _method(df, "lora")
+    if lora.empty:
+        raise NotMeasured("no lora trials")
+    if missing := [c for c in ("lr", "lora_rank", "alpha_per_rank") if c not in lora]:
+        raise NotMeasured(f"the lora trials logged no {', '.join(missing)}")
+    top = lora["lr"].max()
+    recipe = lora[np.isclose(lora["alpha_per_rank"].astype(float), 2.0) & np.isclose(lora["lr"], top)]
+    if recipe.empty:
+        raise NotMeasured(f"no lora trial at alpha = 2 x rank and lr {top:g} (the highest lora lr)")
+    return recipe[recipe["lora_rank"] == recipe["lora_rank"].max()] if largest_rank else recipe
+
+
+def _larger_llm(df: pd.DataFrame) -> Comparison:
+    lora = _method(df, "lora")
+    big, small = _extremes(lora, "model_size", "lora trials", key=tables.size_key)
+    a, b, on = matched(lora[lora["model_size"] == big], lora[lora["model_size"] == small], {"model_size"}, [[]])
+    return Comparison(a, b, f"lora {big} - lora {small}", on)
+
+
+def _resolution(df: pd.DataFrame) -> Comparison:
+    high, low = _extremes(df, "image_size", "trials")
+    a, b, on = matched(df[df["image_size"] == high], df[df["image_size"] == low], {"image_size", "vision_tower"},
+                       [[]])
+    return Comparison(a, b, f"{high:g} px - {low:g} px", on)
+
+
+def _lora_vs_full(df: pd.DataFrame) -> Comparison:
+    lora, full = paper_lora(df, largest_rank=True), _need(_method(df, "full"), "full")
+    a, b, on = matched(lora, full, {"method", "lr"}, [["model_size"]])
+    rank, alpha, lr = lora["lora_rank"].iloc[0], lora["lora_alpha"].iloc[0], lora["lr"].iloc[0]
+    return Comparison(a, b, f"lora r{rank} a{alpha:g} lr{lr:g} - full", on)
+
+
+def _low_lr_or_alpha(df: pd.DataFrame) -> Comparison:
+    lora, recipe = _method(df, "lora"), paper_lora(df)
+    top = lora["lr"].max()
+    low = lora[np.isclose(lora["alpha_per_rank"].astype(float), 0.25) | (lora["lr"] <= top / 10 * (1 + 1e-9))]
+    _need(low, f"lora at alpha = rank / 4 or lr <= {top / 10:g}")
+    a, b, on = matched(low, recipe, {"lr", "lora_alpha", "alpha_per_rank"},
+                       [["model_size", "lora_rank"], ["lora_rank"]])
+    return Comparison(a, b, f"lora a=r/4 or lr<={top / 10:g} - lora a=2r lr{top:g}", on)
+
+
+def _qlora_vs_lora(df: pd.DataFrame) -> Comparison:
+    qlora, lora = _need(_method(df, "qlora"), "qlora"), _need(_method(df, "lora"), "lora")
+    a, b, on = matched(qlora, lora, {"method"}, [["model_size", "lora_rank", "lora_alpha", "lr"]])
+    return Comparison(a, b, "qlora - lora", on)
+
+
+def _text_mixing(df: pd.DataFrame) -> Comparison:
+    if "text_score" not in df or "mix_ratio" not in df:
+        raise NotMeasured("no text_score (no language-only eval split) or no mix_ratio")
+    text = df[df["text_score"].notna()]
+    a, b = _need(text[text["mix_ratio"] > 0], "mix_ratio > 0"), _need(text[text["mix_ratio"] == 0], "mix_ratio 0")
+    a, b, on = matched(a, b, {"mix_ratio"}, [[]])
+    scored = a["score"].notna().sum() >= 2 and b["score"].notna().sum() >= 2
+    note = f"score: {difference(a['score'].dropna(), b['score'].dropna())}" if scored else ""
+    return Comparison(a, b, "mix > 0 - mix 0 (text_score)", on, note)
+
+
+def _mma_vs_lora(df: pd.DataFrame) -> Comparison:
+    mma, lora = _need(_method(df, "mma"), "mma"), paper_lora(df)  # at any rank: its twins decide which
+    a, b, on = matched(mma, lora, {"method", "lr"}, [["model_size"]])
+    if "trainable_params" not in df or a["trainable_params"].isna().all() or b["trainable_params"].isna().all():
+        raise NotMeasured("no trainable_params logged")
+    ratio = a["trainable_params"].mean() / b["trainable_params"].mean()
+    ranks = "/".join(str(r) for r in sorted(b["lora_rank"].dropna().unique()))
+    return Comparison(a, b, f"mma - lora r{ranks} a=2r", on,
+                      f"trainable params mma / lora = {ratio:.3g} (needs < 0.1)", fails=not ratio < 0.1)
+
+
+DIRECTIONS = [
+    Direction(1, "larger LLM scores higher", "scaling LLaVA's LLM up (to 33B and 65B) improves its scores", LU,
+              0, np.inf, False, _larger_llm),
+    Direction(2, "higher resolution scores higher", "a higher image resolution (336 over 224 px) scores higher", LU,
+              0, np.inf, False, _resolution),
+    Direction(3, "LoRA (a=2r, high lr) within 2 of full", "LoRA (and QLoRA) with well-chosen hyperparameters, alpha "
+              "= 2 x rank and a high learning rate, performs comparably to full fine-tuning", LU,
+              -2, np.inf, True, _lora_vs_full),
+    Direction(4, "low lr or alpha clearly worse", "LoRA needs a high learning rate and alpha: lower values score "
+              "clearly lower", LU, -np.inf, 0, False, _low_lr_or_alpha),
+    Direction(5, "QLoRA within 1 of LoRA", "QLoRA performs on par with LoRA at the same settings", LU,
+              -1, 1, True, _qlora_vs_lora),
+    Direction(6, "language-only data keeps text_score", "mixing language-only instruction data (ShareGPT) into visual "
+              "instruction tuning keeps or improves the language skill without hurting the multimodal score", LU,
+              0, np.inf, False, _text_mixing, "text_score"),
+    Direction(7, "MMA within 3 of LoRA, < 1/10 params", "mixture-of-modality adaptation reaches accuracy competitive "
+              "with fully tuned multimodal models while training a small fraction of the parameters", LUO,
+              -3, np.inf, True, _mma_vs_lora),
+]
+
+
+# --- effects and verdicts ---
+
+def verdict(direction: Direction, effect: Interval) -> str:
+    if direction.allows(effect.low) and direction.allows(effect.high):
+        return HOLDS
+    return NOT_RESOLVED if direction.allows(effect.value) else DOES_NOT_HOLD
+
+
+def assess(trials: pd.DataFrame) -> pd.DataFrame:
+    """One row per direction: `compared` (A - B), `n_a`, `n_b`, `effect` with `effect_ci_low` / `_high`
+    (score points; Welch's 95% interval over the groups' trials), `claim` (the effect the paper's
+    finding allows), `verdict`, `matched_on`, `note`, and `low` / `high` (the claim's bounds) and `paper`,
+    `source` for the report. `trials` may be several experiments' (analysis.runs.load_studies)."""
+    df = tables.finished(trials)
+    rows = []
+    for d in DIRECTIONS:
+        row = {"direction": d.number, "finding": d.finding, "claim": d.claim, "low": d.low, "high": d.high,
+               "paper": d.paper, "source": d.source}
+        try:
+            if df.empty:
+                raise NotMeasured("no finished trials")
+            c = d.compare(df)
+            a, b = c.a[d.metric].dropna(), c.b[d.metric].dropna()
+            row.update(compared=c.compared, n_a=len(a), n_b=len(b), matched_on=c.matched_on, note=c.note)
+            if len(a) < 2 or len(b) < 2:
+                raise NotMeasured(f"{c.compared} matched on {c.matched_on}: {len(a)} and {len(b)} trials (needs 2 "
+                                  "a side)")
+            effect = difference(a, b)
+            row.update(effect=effect.value, effect_ci_low=effect.low, effect_ci_high=effect.high,
+                       verdict=DOES_NOT_HOLD if c.fails else verdict(d, effect))
+        except NotMeasured as e:
+            row.update(verdict=NOT_MEASURED, note=str(e))
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    out = out.reindex(columns=[*out.columns, *(c for c in SHOWN if c not in out)])
+    out[["compared", "matched_on", "note"]] = out[["compared", "matched_on", "note"]].fillna("")
+    return out.astype({"n_a": "Int64", "n_b": "Int64"})
+
+
+# --- the report ---
+
+def trial_counts(trials: pd.DataFrame, experiments: list[str]) -> pd.DataFrame:
+    """Per experiment: runs, finished trials, configurations and seeds (distinct; and per configuration)."""
+    rows = []
+    for name in experiments:
+        runs = trials[trials["experiment"] == name] if "experiment" in trials else trials.iloc[0:0]
+        done = tables.finished(runs)
+        per = tables.over_seeds(runs)["seeds"] if len(done) else pd.Series(dtype=float)
+        rows.append({"experiment": name, "runs": len(runs), "finished": len(done), "configurations": len(per),
+                     "seeds": done["seed"].nunique() if "seed" in done else (1 if len(done) else 0),
+                     "seeds_per_configuration": "-" if per.empty else
+                     f"{per.min():.0f}" + (f"-{per.max():.0f}" if per.max() > per.min() else "")})
+    return pd.DataFrame(rows)
+
+
+def frontier_png(experiment: str) -> str:
+    return f"report-frontier-{default_out(experiment).name}.png"
+
+
+def shown_command(argv: list[str]) -> str:
+    """The command as run, with a tracking URI's user info (a password, a token) left out."""
+    return "python -m analysis.report " + shlex.join(re.sub(r"//[^/@]*@", "//***@", a) for a in argv)
+
+
+def markdown(effects: pd.DataFrame, counts: pd.DataFrame, command: str, frontiers: dict[str, str]) -> str:
+    lines = ["# Do the papers' directions hold here?\n", f"Made by `{command}`.\n", "## Trials\n",
+             "Finished trials count; a configuration is every param but the seed.\n", tables.to_markdown(counts),
+             "## Directions\n",
+             "Effect = mean of A - mean of B (`compared`), in score points (0-100), with Welch's 95% interval over "
+             "the individual trials (one trial = one seed of one configuration). `claim`: the effect the paper's "
+             "finding allows. Verdicts: **holds** (the whole interval within the claim), **not resolved** (the "
+             "estimate within, the interval too wide), **does not hold** (the estimate outside), **not measured** "
+             "(a group has fewer than 2 trials). `matched_on`: what each trial of A shares with some trial of B.\n",
+             tables.to_markdown(effects[SHOWN]), f"![Each direction's effect with its 95% interval]({FOREST})\n",
+             "## What the papers found\n"]
+    lines += [f"{r.direction}. {r.paper} ({r.source}). Here: **{r.verdict}**." for r in effects.itertuples()]
+    lines.append("")
+    if frontiers:
+        lines.append("## Frontiers\n")
+        lines += [f"![{name}: score vs GPU-hours]({png})\n" for name, png in frontiers.items()]
+    lines.append("## Sources\n")
+    lines += ["- Lu et al. 2023, \"An Empirical Study of Scaling Instruct-Tuned Large Multimodal Models\" "
+              "(directions 1-6).",
+              "- Luo et al. 2023, \"Cheap and Quick: Efficient Vision-Language Instruction Tuning for Large Language "
+              "Models\" (LaVIN; direction 7).", ""]
+    return "\n".join(lines)
+
+
+def outputs(experiments: list[str]) -> tuple[str, ...]:
+    return (REPORT, FOREST, *(frontier_png(e) for e in experiments))
+
+
+def write_report(trials: pd.DataFrame, experiments: list[str], out_dir: str | Path, command: str,
+                 force: bool = False) -> pd.DataFrame:
+    """REPORT.md and its plots in out_dir (check_out's rule: nothing this module did not write is
+    replaced unless `force`); returns `assess`'s table. Raises AnalysisError when no trial finished."""
+    out = check_out(out_dir, force, outputs(experiments), WRITTEN, "analysis.report")
+    if tables.finished(trials).empty:
+        raise AnalysisError(f"no finished trials with a score in {', '.join(map(repr, experiments))}")
+    effects = assess(trials)
+    out.mkdir(parents=True, exist_ok=True)
+    plots.effects_plot(effects).savefig(out / FOREST, dpi=150)
+    frontiers = {}
+    for name in experiments:
+        try:
+            front = frontier(trials[trials["experiment"] == name])
+        except AnalysisError:
+            continue  # nothing finished with a cost there: the counts table says so
+        plots.frontier_plot(front, title=name).savefig(out / frontier_png(name), dpi=150)
+        frontiers[name] = frontier_png(name)
+    (out / REPORT).write_text(markdown(effects, trial_counts(trials, experiments), command, frontiers))
+    record_written(out, (REPORT, FOREST, *frontiers.values()), WRITTEN)
+    return effects
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = OneLineParser(prog="python -m analysis.report", description=__doc__.splitlines()[0])
+    p.add_argument("--experiment", action="append", required=True,
+                   help="an MLflow experiment (a study's name); repeat for several, their trials are pooled")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    p.add_argument("--out", default="docs", help="folder of REPORT.md and its plots (default docs)")
+    p.add_argument("--force", action="store_true", help="replace REPORT.md and its plots even if this command "
+                   "did not write them")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = parse_args(argv)
+        args.experiment = list(dict.fromkeys(args.experiment))  # each once
+        check_out(args.out, args.force, outputs(args.experiment), WRITTEN, "analysis.report")  # before reading
+        trials = load_studies(args.tracking_uri, args.experiment)
+        effects = write_report(trials, args.experiment, args.out, shown_command(argv), args.force)
+    except (BadInput, AnalysisError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(formatted(effects[SHOWN]).to_string(index=False))
+    print(f"\nwrote {Path(args.out) / REPORT} and its plots")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

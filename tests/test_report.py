@@ -1,0 +1,211 @@
+"""analysis.report on hand-made trials whose effects are known: each number is Welch's interval of the scores
+written here, each verdict the one the scores call for; and the CLI on a small store, refusals included."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+from analysis import report
+from tracking.intervals import difference
+
+# The paper's LoRA recipe at 1m (alpha = 2 x rank, the highest lora lr); every other group differs in one factor.
+BASE = dict(status="FINISHED", method="lora", model_size="1m", lora_rank=8, lora_alpha=16.0, lr=2e-4, image_size=32,
+            mix_ratio=0.0, trainable_params=1000.0, gpu_hours=1.0)
+LORA, LORA_TEXT = [50, 51, 52], [30, 31, 32]
+SMALL = [40, 41, 42]            # 0.3m: 10 points lower, tight -> (1) holds
+HIGH_RES = [50, 54, 50]         # 48 px: +0.3 on average, wide -> (2) not resolved
+FULL = [60, 61, 62]             # full fine-tuning 10 points above LoRA -> (3) does not hold
+LOW_LR = [45, 46, 47]           # lr 10x lower: 5 points lower -> (4) holds
+MIXED, MIXED_TEXT = [50, 51, 52], [40, 41, 42]  # mix 0.2: text_score +10, score unchanged -> (6) holds
+MMA = [50, 51, 52]              # mma level with LoRA at 1/20 of its parameters -> (7) holds
+NO_TWIN = [90, 91, 92]          # lora 1m at lr 1e-4: no 0.3m twin, so (1) leaves it out
+
+
+def group(scores, text=None, **changes) -> list[dict]:
+    """One configuration (BASE with `changes`) at seeds 0, 1, 2, ... with these scores."""
+    rows = []
+    for seed, score in enumerate(scores):
+        row = {**BASE, **changes, "seed": seed, "score": float(score)}
+        if text is not None:
+            row["text_score"] = float(text[seed])
+        rows.append(row)
+    return rows
+
+
+NOT_LORA = dict(lora_rank=None, lora_alpha=None)
+
+
+def study(*extra) -> pd.DataFrame:
+    rows = (group(LORA, LORA_TEXT) + group(SMALL, model_size="0.3m", gpu_hours=0.5) + group(HIGH_RES, image_size=48)
+            + group(FULL, method="full", lr=1e-5, trainable_params=1e5, **NOT_LORA) + group(LOW_LR, lr=2e-5)
+            + group(MIXED, MIXED_TEXT, mix_ratio=0.2) + group(NO_TWIN, lr=1e-4)
+            + group(MMA, method="mma", lr=1e-3, trainable_params=50.0, **NOT_LORA) + [r for g in extra for r in g])
+    df = pd.DataFrame(rows)
+    df["run_id"] = [f"r{i}" for i in range(len(df))]
+    df["experiment"] = "hand"
+    return df
+
+
+def by_number(effects: pd.DataFrame) -> dict[int, pd.Series]:
+    return {int(r["direction"]): r for _, r in effects.iterrows()}
+
+
+def assert_effect(row, a, b):
+    expected = difference(a, b)
+    assert (row["effect"], row["effect_ci_low"], row["effect_ci_high"]) == pytest.approx(
+        (expected.value, expected.low, expected.high))
+    assert (row["n_a"], row["n_b"]) == (len(a), len(b))
+
+
+def test_each_direction_is_welchs_interval_of_the_matched_groups_with_its_verdict():
+    d = by_number(report.assess(study()))
+    assert_effect(d[1], LORA, SMALL)  # NO_TWIN (1m, no 0.3m at its lr) is left out: matched on every other param
+    assert_effect(d[2], HIGH_RES, LORA)
+    assert_effect(d[3], LORA, FULL)
+    assert_effect(d[4], LOW_LR, LORA)
+    assert_effect(d[6], MIXED_TEXT, LORA_TEXT)
+    assert_effect(d[7], MMA, LORA)
+    assert {n: r["verdict"] for n, r in d.items()} == {
+        1: "holds", 2: "not resolved", 3: "does not hold", 4: "holds", 5: "not measured", 6: "holds", 7: "holds"}
+    assert {n: r["matched_on"] for n, r in d.items() if n != 5} == {n: "every other param" for n in (1, 2, 3, 4, 6, 7)}
+    assert pd.isna(d[5]["effect"]) and d[5]["note"] == "qlora: 0 trials (needs 2)"
+    assert d[6]["note"] == f"score: {difference(MIXED, LORA)}"  # the multimodal score beside the text skill
+    assert d[7]["note"] == "trainable params mma / lora = 0.05 (needs < 0.1)"
+    assert d[3]["compared"] == "lora r8 a16 lr0.0002 - full" and d[1]["compared"] == "lora 1m - lora 0.3m"
+    assert d[7]["compared"] == "mma - lora r8 a=2r"
+
+
+def test_matching_falls_back_to_the_same_model_sizes():
+    # full fine-tuning was run at another image size (an unmatched recipe): LoRA vs full compares model sizes only
+    df = study()
+    df.loc[df["method"] == "full", "image_size"] = 40
+    row = by_number(report.assess(df))[3]
+    assert row["matched_on"] == "model_size"
+    assert_effect(row, LORA + HIGH_RES + MIXED, FULL)  # the paper's LoRA at 1m, whatever its image size or mix
+
+
+@pytest.mark.parametrize("qlora, verdict", [
+    ([50.8, 51.0, 51.2], "holds"),              # the interval lies within [-1, 1]
+    ([48.0, 51.0, 54.0], "not resolved"),       # mean 0, but the interval reaches past +-1
+    ([47.0, 47.1, 47.2], "does not hold"),      # 3.9 points below
+])
+def test_qlora_within_one_point(qlora, verdict):
+    lora = [50.9, 51.0, 51.1]
+    df = pd.DataFrame(group(lora) + group(qlora, method="qlora")).assign(experiment="hand")
+    d = by_number(report.assess(df))
+    assert_effect(d[5], qlora, lora)
+    assert d[5]["verdict"] == verdict
+    # nothing else was run: every other direction says what is missing
+    assert d[3]["note"] == "full: 0 trials (needs 2)" and d[1]["note"] == "lora trials at 1 model_size level (1m)"
+    assert d[6]["verdict"] == "not measured" and "text_score" in d[6]["note"]
+
+
+def test_a_bound_counts_as_the_paper_words_it():
+    # no spread: the interval is the point. "Higher" excludes a tie; "within 2 points" includes exactly 2 below.
+    df = pd.DataFrame(group([50, 50]) + group([50, 50], model_size="0.3m")
+                      + group([52, 52], method="full", lr=1e-5, **NOT_LORA)).assign(experiment="hand")
+    d = by_number(report.assess(df))
+    assert (d[1]["effect"], d[1]["effect_ci_low"], d[1]["verdict"]) == (0, 0, "does not hold")
+    assert (d[3]["effect"], d[3]["effect_ci_high"], d[3]["verdict"]) == (-2, -2, "holds")
+
+
+def test_mma_meets_the_papers_lora_at_the_rank_it_has_a_twin_at():
+    # a larger rank run only at another resolution is no like-for-like for MMA, whose twin is rank 8
+    df = pd.DataFrame(group(LORA) + group([70, 71, 72], lora_rank=32, lora_alpha=64.0, image_size=48)
+                      + group(MMA, method="mma", lr=1e-3, trainable_params=50.0, **NOT_LORA)).assign(experiment="hand")
+    row = by_number(report.assess(df))[7]
+    assert row["compared"] == "mma - lora r8 a=2r" and row["matched_on"] == "every other param"
+    assert_effect(row, MMA, LORA)
+
+
+def test_mma_with_a_fifth_of_the_parameters_does_not_hold_however_close_its_score():
+    df = study()
+    df.loc[df["method"] == "mma", "trainable_params"] = 200.0
+    row = by_number(report.assess(df))[7]
+    assert_effect(row, MMA, LORA)  # the score alone would hold
+    assert row["verdict"] == "does not hold" and "= 0.2 (needs < 0.1)" in row["note"]
+
+
+def test_a_low_alpha_counts_like_a_low_lr_and_one_trial_is_not_enough():
+    low_alpha = [44, 45, 46]
+    d = by_number(report.assess(study(group(low_alpha, lora_alpha=2.0))))  # alpha = rank / 4
+    assert_effect(d[4], LOW_LR + low_alpha, LORA)
+    one_full = study()
+    one_full = one_full.drop(one_full.index[(one_full["method"] == "full")][1:])
+    assert by_number(report.assess(one_full))[3]["note"] == "full: 1 trial (needs 2)"
+
+
+# --- the command line ---
+
+PARAMS = ["method", "model_size", "lora_rank", "lora_alpha", "lr", "image_size", "mix_ratio", "seed"]
+METRICS = ["score", "text_score", "trainable_params", "gpu_hours"]
+
+
+def write_store(root, experiments: dict[str, pd.DataFrame]) -> str:
+    """A sqlite store with one study run per experiment and its trials nested under it, as a study logs them."""
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    for name, trials in experiments.items():
+        exp_id = client.create_experiment(name)
+        parent = client.create_run(exp_id).info.run_id
+        for row in trials.to_dict("records"):
+            run_id = client.create_run(exp_id, tags={MLFLOW_PARENT_RUN_ID: parent}).info.run_id
+            for k in PARAMS:
+                if pd.notna(row.get(k)):
+                    client.log_param(run_id, k, row[k])
+            for k in METRICS:
+                if pd.notna(row.get(k)):
+                    client.log_metric(run_id, k, float(row[k]))
+            client.set_terminated(run_id, row["status"])
+        client.set_terminated(parent, "FINISHED")
+    return uri
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    df = study()
+    table4 = df["method"].isin(["full", "mma"]) | (df["model_size"] == "0.3m")
+    return write_store(root, {"table4": df[table4], "table3": df[~table4], "empty": df.iloc[0:0]})
+
+
+def test_cli_writes_the_report_from_both_experiments(store, tmp_path, capsys):
+    argv = ["--experiment", "table4", "--experiment", "table3", "--tracking-uri", store, "--out", str(tmp_path)]
+    assert report.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "does not hold" in printed and "not resolved" in printed and "+10.0" in printed
+    text = (tmp_path / "REPORT.md").read_text()
+    assert f"`python -m analysis.report --experiment table4 --experiment table3 --tracking-uri {store}" in text
+    assert "| table4 | 9 | 9 | 3 | 3 | 3 |" in text and "| table3 | 15 | 15 | 5 | 3 | 3 |" in text
+    expected = difference(LORA, FULL)  # the directions pool both experiments: LoRA in table3, full in table4
+    assert f"| {expected.value:+.1f} | {expected.low:+.1f} | {expected.high:+.1f} | >= -2 | does not hold |" in text
+    assert "(report-directions.png)" in text and "(report-frontier-table4.png)" in text
+    for png in ("report-directions.png", "report-frontier-table4.png", "report-frontier-table3.png"):
+        assert (tmp_path / png).stat().st_size > 10_000
+    assert report.main(argv) == 0  # what it wrote itself it replaces
+
+
+@pytest.mark.parametrize("argv, culprit", [
+    (["--experiment", "nope"], "'nope'"),
+    (["--experiment", "empty"], "no finished trials with a score in 'empty'"),
+    (["--experiment", "table3", "--bogus"], "--bogus"),
+    ([], "--experiment"),
+])
+def test_cli_bad_input_is_one_error_line(store, tmp_path, capsys, argv, culprit):
+    rc = report.main(argv + ["--tracking-uri", store, "--out", str(tmp_path / "docs")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and culprit in err[0]
+    assert not (tmp_path / "docs").exists()
+
+
+def test_cli_never_replaces_a_report_it_did_not_write(store, tmp_path, capsys):
+    argv = ["--experiment", "table3", "--tracking-uri", store, "--out", str(tmp_path)]
+    (tmp_path / "REPORT.md").write_text("my notes")
+    assert report.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --out") and "REPORT.md" in err and "analysis.report" in err and "--force" in err
+    assert (tmp_path / "REPORT.md").read_text() == "my notes" and not (tmp_path / "report-directions.png").exists()
+    assert report.main(argv + ["--force"]) == 0 and (tmp_path / "REPORT.md").read_text() != "my notes"
