@@ -50,7 +50,9 @@ def study_trial(config: dict, study, forecaster=None) -> None:
     from tracking.trial_log import describe, record_failure
     from trainables.config import trial_config
     from trainables.driver import run_trial
+    from trainables.processes import quiet_exit_requests
 
+    quiet_exit_requests()
     trial_id = ray.tune.get_context().get_trial_id()
     client = MlflowClient(study.tracking_uri)
     run = find_trial_run(client, study.experiment_id, trial_id)

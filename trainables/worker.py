@@ -448,7 +448,9 @@ def train_loop(loop_config: dict) -> None:
 
     from tracking.trial_log import TrialLog
     from trainables import checkpoint
+    from trainables.processes import quiet_exit_requests
 
+    quiet_exit_requests()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.set_num_threads(int(loop_config.get("threads", 1)))
     ctx = ray.train.get_context()
