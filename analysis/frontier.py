@@ -140,6 +140,9 @@ def check_out(out_dir: str | Path, force: bool = False, outputs: tuple[str, ...]
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise AnalysisError(f"--out {out}: is a file; give a folder (created if absent)")
+    above = next((p for p in out.absolute().parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise AnalysisError(f"--out {out}: {above} is a file, so the folder cannot be created there")
     if force or not out.exists():
         return out
     ours = _written(out, record)
@@ -152,8 +155,10 @@ def check_out(out_dir: str | Path, force: bool = False, outputs: tuple[str, ...]
 
 
 def record_written(out: Path, outputs: tuple[str, ...] = OUTPUTS, record: str = WRITTEN) -> None:
-    """Note what was just written in `out` (each file's SHA-256), for `check_out` next time."""
-    (out / record).write_text(json.dumps({n: _digest(out / n) for n in outputs}, indent=1))
+    """Note what was just written in `out` (each file's SHA-256), for `check_out` next time; what an earlier
+    run wrote there stays noted (a report over other experiments wrote other plots)."""
+    noted = {**_written(out, record), **{n: _digest(out / n) for n in outputs}}
+    (out / record).write_text(json.dumps(noted, indent=1))
 
 
 def write_report(trials: pd.DataFrame, out_dir: str | Path, x: str = "gpu_hours", y: str = "score",

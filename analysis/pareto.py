@@ -171,6 +171,8 @@ def frontier(trials: pd.DataFrame, y: str = "score", x: str = "gpu_hours",
     seeded = over_seeds and "seed" in df and df.loc[pooled, "seed"].nunique() > 1
     if seeded:
         means = tables.seed_means(tables.tidy(df[pooled])).assign(excluded="")
+        means["excluded"] = _incomplete(means, tables.tidy(df))  # a seed failed or was stopped: no mean of it
+        excluded.update(Counter(r for r in means["excluded"] if r))
         rest = df[~pooled].assign(seeds=np.where(use[~pooled], 1, np.nan))  # left out, or stopped and let in
         df = pd.concat([means, rest], ignore_index=True) if len(rest) else means
         use = df["excluded"] == ""
@@ -185,6 +187,20 @@ def frontier(trials: pd.DataFrame, y: str = "score", x: str = "gpu_hours",
         df["contender"] = pd.Series(pd.NA, index=df.index, dtype="boolean")
         df.loc[use, "contender"] = contenders(df[use], cost, score)
     return Frontier(df, goals, excluded, over_seeds=seeded)
+
+
+def _incomplete(means: pd.DataFrame, trials: pd.DataFrame) -> list[str]:
+    """For each configuration mean: "incomplete seeds" when some of its seeds did not finish (failed,
+    stopped early, or still running: the search told Optuna PRUNED or FAIL for it, and the mean of the
+    seeds that finished would flatter it), else ""."""
+    keys = [k for k in tables.configuration_keys(trials) if k in means]
+    planned = trials.groupby(keys, dropna=False, sort=False)["seed"].nunique()
+    out = []
+    for _, row in means.iterrows():
+        key = tuple(row[k] for k in keys)
+        seeds = planned.get(key if len(keys) > 1 else key[0], row["seeds"])
+        out.append("incomplete seeds" if row["seeds"] < seeds else "")
+    return out
 
 
 def contenders(points: pd.DataFrame, cost: str, score: str) -> pd.Series:

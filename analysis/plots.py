@@ -229,13 +229,21 @@ def frontier_plot(front: Frontier, x: str | None = None, y: str | None = None, t
     points = "configurations (seed means)" if front.over_seeds else "trials"
     heading = (f"{title}: " if title else "") + f"Pareto frontier, {len(on)} of {len(df)} {points}" \
         + (f" ({left_out} unfinished or incomplete left out)" if left_out else "")
-    ax.set_title(heading, fontsize=10)
+    ax.set_title(_wrapped(heading), fontsize=10)
     unlabelled = _place_labels(fig, ax, on[x].to_numpy(), on[y].to_numpy(),
                                [trial_label(r) for _, r in on.iterrows()])
     if unlabelled:
-        ax.set_title(heading + f"; {unlabelled} frontier label{'s' * (unlabelled != 1)} left out for room",
-                     fontsize=10)
+        ax.set_title(_wrapped(heading + f"; {unlabelled} frontier label{'s' * (unlabelled != 1)} left out for "
+                              "room"), fontsize=10)
     return fig
+
+
+def _wrapped(title: str, width: int = 64) -> str:
+    """A title in lines that fit above the axes (the legend beside them narrows them): a long study name and
+    its counts were cut at the figure's left edge."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(title, width))
 
 
 # Where a label may sit relative to its point (points, alignment), nearest first: beside it, then above and

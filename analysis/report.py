@@ -202,7 +202,7 @@ def _text_mixing(df: pd.DataFrame) -> Comparison:
     a, b = _need(text[text["mix_ratio"] > 0], "mix_ratio > 0"), _need(text[text["mix_ratio"] == 0], "mix_ratio 0")
     a, b, on = matched(a, b, {"mix_ratio"}, [[]])
     scored = a["score"].notna().sum() >= 2 and b["score"].notna().sum() >= 2
-    note = f"score: {difference(a['score'].dropna(), b['score'].dropna())}" if scored else ""
+    note = f"score: {effect_of(a, b, 'score')}" if scored else ""
     return Comparison(a, b, "mix > 0 - mix 0 (text_score)", on, note)
 
 
@@ -229,9 +229,9 @@ DIRECTIONS = [
               "clearly lower", LU, -np.inf, 0, False, _low_lr_or_alpha),
     Direction(5, "QLoRA within 1 of LoRA", "QLoRA performs on par with LoRA at the same settings", LU,
               -1, 1, True, _qlora_vs_lora),
-    Direction(6, "language-only data keeps text_score", "mixing language-only instruction data (ShareGPT) into visual "
+    Direction(6, "language-only data keeps text_score (>= 0)", "mixing language-only instruction data (ShareGPT) into visual "
               "instruction tuning keeps or improves the language skill without hurting the multimodal score", LU,
-              0, np.inf, False, _text_mixing, "text_score"),
+              0, np.inf, True, _text_mixing, "text_score"),
     Direction(7, "MMA within 3 of LoRA, < 1/10 params", "mixture-of-modality adaptation reaches accuracy competitive "
               "with fully tuned multimodal models while training a small fraction of the parameters", LUO,
               -3, np.inf, True, _mma_vs_lora),
@@ -239,6 +239,15 @@ DIRECTIONS = [
 
 
 # --- effects and verdicts ---
+
+def effect_of(a: pd.DataFrame, b: pd.DataFrame, metric: str) -> Interval:
+    """mean(A) - mean(B) of `metric` with its interval (tracking.intervals.difference: Welch's, or Newcombe's
+    over the questions, `<metric>_n`, where neither group has any spread)."""
+    n = f"{metric}_n"
+    questions = (a[n].mean(), b[n].mean()) if n in a and n in b and a[n].notna().any() and b[n].notna().any() \
+        else None
+    return difference(a[metric].dropna(), b[metric].dropna(), questions)
+
 
 def verdict(direction: Direction, effect: Interval) -> str:
     if direction.allows(effect.low) and direction.allows(effect.high):
@@ -248,7 +257,7 @@ def verdict(direction: Direction, effect: Interval) -> str:
 
 def assess(trials: pd.DataFrame) -> pd.DataFrame:
     """One row per direction: `compared` (A - B), `n_a`, `n_b`, `effect` with `effect_ci_low` / `_high`
-    (score points; Welch's 95% interval over the groups' trials), `claim` (the effect the paper's
+    (score points; effect_of: Welch's 95% interval over the groups' trials), `claim` (the effect the paper's
     finding allows), `verdict`, `matched_on`, `note`, and `low` / `high` (the claim's bounds) and `paper`,
     `source` for the report. `trials` may be several experiments' (analysis.runs.load_studies)."""
     df = tables.finished(trials)
@@ -265,7 +274,7 @@ def assess(trials: pd.DataFrame) -> pd.DataFrame:
             if len(a) < 2 or len(b) < 2:
                 raise NotMeasured(f"{c.compared} matched on {c.matched_on}: {len(a)} and {len(b)} trials (needs 2 "
                                   "a side)")
-            effect = difference(a, b)
+            effect = effect_of(c.a, c.b, d.metric)
             row.update(effect=effect.value, effect_ci_low=effect.low, effect_ci_high=effect.high,
                        verdict=DOES_NOT_HOLD if c.fails else verdict(d, effect))
         except NotMeasured as e:
@@ -273,7 +282,8 @@ def assess(trials: pd.DataFrame) -> pd.DataFrame:
         rows.append(row)
     out = pd.DataFrame(rows)
     out = out.reindex(columns=[*out.columns, *(c for c in SHOWN if c not in out)])
-    out[["compared", "matched_on", "note"]] = out[["compared", "matched_on", "note"]].fillna("")
+    for column in ("compared", "matched_on", "note"):  # text columns: empty, not NaN (a float column otherwise)
+        out[column] = out[column].astype(object).where(out[column].notna(), "")
     return out.astype({"n_a": "Int64", "n_b": "Int64"})
 
 
@@ -293,8 +303,12 @@ def trial_counts(trials: pd.DataFrame, experiments: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def frontier_png(experiment: str) -> str:
-    return f"report-frontier-{default_out(experiment).name}.png"
+def frontier_pngs(experiments: list[str]) -> dict[str, str]:
+    """{experiment: report-frontier-<its name as a file name>.png}; two names that read alike as files ("x y",
+    "x_y") get their position in the list added, so each keeps its own plot."""
+    names = [default_out(e).name for e in experiments]
+    return {e: f"report-frontier-{name}{f'-{i + 1}' if names.count(name) > 1 else ''}.png"
+            for i, (e, name) in enumerate(zip(experiments, names))}
 
 
 def shown_command(argv: list[str]) -> str:
@@ -327,7 +341,7 @@ def markdown(effects: pd.DataFrame, counts: pd.DataFrame, command: str, frontier
 
 
 def outputs(experiments: list[str]) -> tuple[str, ...]:
-    return (REPORT, FOREST, *(frontier_png(e) for e in experiments))
+    return (REPORT, FOREST, *frontier_pngs(experiments).values())
 
 
 def write_report(trials: pd.DataFrame, experiments: list[str], out_dir: str | Path, command: str,
@@ -346,8 +360,9 @@ def write_report(trials: pd.DataFrame, experiments: list[str], out_dir: str | Pa
             front = frontier(trials[trials["experiment"] == name])
         except AnalysisError:
             continue  # nothing finished with a cost there: the counts table says so
-        plots.frontier_plot(front, title=name).savefig(out / frontier_png(name), dpi=150)
-        frontiers[name] = frontier_png(name)
+        png = frontier_pngs(experiments)[name]
+        plots.frontier_plot(front, title=name).savefig(out / png, dpi=150)
+        frontiers[name] = png
     (out / REPORT).write_text(markdown(effects, trial_counts(trials, experiments), command, frontiers))
     record_written(out, (REPORT, FOREST, *frontiers.values()), WRITTEN)
     return effects

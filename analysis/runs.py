@@ -20,6 +20,7 @@ from pathlib import Path
 from urllib.parse import unquote
 
 import pandas as pd
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
@@ -42,7 +43,8 @@ RATIOS = {"gpu_hours_ratio": ("forecast_gpu_hours", "gpu_hours"), "dollars_ratio
 # How each column reads in a table: metrics as tracking.metrics says (tiny costs in scientific
 # notation, counts with separators), the params and the tables' aggregates of a score here.
 FORMATS = {**{name: m.fmt for name, m in METRICS.items()},
-           "lr": "{:.2e}", "lora_alpha": "{:g}", "alpha_per_rank": "{:g}", "mix_ratio": "{:g}",
+           "lr": "{:.2e}", "lora_rank": "{:.0f}", "image_size": "{:.0f}", "lora_alpha": "{:g}",
+           "alpha_per_rank": "{:g}", "mix_ratio": "{:g}",
            "score_best": "{:.1f}", "score_mean": "{:.1f}", "score_std": "{:.1f}", "stopped_early": "{:.0f}",
            "seeds": "{:.0f}", "effect": "{:+.1f}",
            **{ratio: "{:.2f}" for ratio in RATIOS}}
@@ -66,7 +68,11 @@ def load_trials(tracking_uri: str | None, experiment: str, parent_run_id: str | 
     uri = resolve_uri(tracking_uri)
     _require_local_store(uri)
     client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
+    try:
+        exp = client.get_experiment_by_name(experiment)
+    except MlflowException as e:  # e.g. a web server that is not MLflow's: 404 on MLflow's REST API
+        raise AnalysisError(f"tracking URI {uri} does not answer as an MLflow tracking store: "
+                            f"{str(e).splitlines()[0][:200]}") from None
     if exp is None:
         raise AnalysisError(f"no MLflow experiment named {experiment!r} at {uri}")
     query, matches = where({f"tags.`{MLFLOW_PARENT_RUN_ID}`": parent_run_id}) if parent_run_id else ("", None)
@@ -100,6 +106,15 @@ def _require_local_store(uri: str) -> None:
     for scheme, path in local.items():
         if uri.startswith(scheme) and not Path(unquote(path)).exists():
             raise AnalysisError(f"no MLflow store at {unquote(path)} (tracking URI {uri})")
+    if uri.startswith("sqlite:///"):  # MLflow would write its schema into an empty file, or retry a folder
+        path = Path(unquote(uri[len("sqlite:///"):]))
+        if not path.is_file():
+            raise AnalysisError(f"{path} is not a file: not an MLflow store (tracking URI {uri})")
+        with path.open("rb") as f:
+            if f.read(16) != b"SQLite format 3\x00":
+                kind = "empty" if path.stat().st_size == 0 else "another kind of file"
+                raise AnalysisError(f"{path} is not an SQLite database ({kind}): not an MLflow store "
+                                    f"(tracking URI {uri})")
 
 
 def load_studies(tracking_uri: str | None, experiments: list[str]) -> pd.DataFrame:

@@ -118,11 +118,13 @@ def _configuration(group: pd.DataFrame, keys: list[str]) -> dict:
 
 
 def mean_and_interval(trials: pd.DataFrame, score: str = "score") -> tuple[float, float, float]:
-    """(mean, low, high) of `score` over the trials: Student's t interval from two values on, else the one
-    trial's own interval (`<score>_ci_low`, `_ci_high`; NaN where it logged none)."""
+    """(mean, low, high) of `score` over the trials: from two values on, Student's t interval widened to the
+    Wilson interval over the questions they answered (`<score>_n`, where logged; tracking.intervals.
+    mean_interval), else the one trial's own interval (`<score>_ci_low`, `_ci_high`; NaN where it logged none)."""
     values = trials[score].dropna()
     if len(values) >= 2:
-        interval = mean_interval(values)
+        questions = trials.loc[values.index, score + "_n"].mean() if score + "_n" in trials else None
+        interval = mean_interval(values, questions if questions == questions else None)  # NaN: none logged
         return interval.value, interval.low, interval.high
     one = trials.loc[values.index]
     ends = [one[score + end].mean() if score + end in one else math.nan for end in INTERVAL_ENDS]

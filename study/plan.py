@@ -17,6 +17,9 @@ from pathlib import Path
 from trainables.config import TrialConfig
 
 
+SMOKE_SEEDS = 2  # --smoke runs the seed machinery (two seeds of a configuration), not all of SEEDS
+
+
 class BadInput(Exception):
     """Reported as one `error:` line and exit code 2."""
 
@@ -113,7 +116,8 @@ def make_plan(args, space):
     device = "gpu" if example.use_gpu else "cpu"
     max_concurrent = args.max_concurrent or space.max_concurrent or max(1, devices // example.num_workers)
     cpus_per_worker = 1 if example.use_gpu else max(1, cpus // (max_concurrent * example.num_workers))
-    base = dict(study=study, space_file=space.path, smoke=smoke, num_samples=num_samples, seeds=space.seeds,
+    base = dict(study=study, space_file=space.path, smoke=smoke, num_samples=num_samples,
+                seeds=min(space.seeds, SMOKE_SEEDS) if smoke else space.seeds,
                 grid_size=space.grid_size() if space.sampler == "grid" else None,
                 max_concurrent=max_concurrent, cpus_per_worker=cpus_per_worker, workers_per_trial=example.num_workers,
                 device=device, constants=space.constants(smoke), example=example, storage=storage,

@@ -39,9 +39,11 @@ class _Parser(argparse.ArgumentParser):
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = _Parser(prog="python -m study.run", description=__doc__.splitlines()[0])
     p.add_argument("space", help="search-space file (Python; it runs as code)")
-    p.add_argument("--num-samples", type=int, help="trials to run (default: the file's NUM_SAMPLES)")
+    p.add_argument("--num-samples", type=int, help="configurations to run, each at the file's SEEDS seeds "
+                   "(default: the file's NUM_SAMPLES)")
     p.add_argument("--max-concurrent", type=int, help="trials at once (default: what the devices allow)")
-    p.add_argument("--smoke", action="store_true", help="smallest budget that still runs every step")
+    p.add_argument("--smoke", action="store_true", help="smallest budget that still runs every step (at most "
+                   "3 configurations x 2 seeds)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else ./mlflow.db)")
     p.add_argument("--experiment", help="MLflow experiment (default: the study's name)")
     p.add_argument("--storage", default="studies", help="Ray results, stage-1 cache, shards (default ./studies)")

@@ -328,7 +328,7 @@ def test_cli_includes_stopped_trials_on_request(store, tmp_path, capsys):
 # --- several seeds per configuration: means with their t interval; intervals on the frontier ---
 
 def seeds_study() -> pd.DataFrame:
-    """Two LoRA configurations at 1m (r8 at three seeds, r16 at two), one at 0.3m with one seed, a failed seed."""
+    """Two LoRA configurations at 1m (r8 at three seeds, r16 at two), one at 0.3m with one seed, a failed trial."""
     rows = []
     for size, rank, scores, texts, hours in [("1m", 8, [50.0, 52.0, 57.0], [70.0, 72.0, np.nan], [1.0, 1.2, 1.1]),
                                              ("1m", 16, [60.0, 64.0], [75.0, 77.0], [2.0, 2.2]),
@@ -339,7 +339,7 @@ def seeds_study() -> pd.DataFrame:
                          "lora_rank": rank, "lora_alpha": 2.0 * rank, "lr": 1e-3, "seed": seed, "score": score,
                          "score_n": 300.0, "score_ci_low": score - 5.5, "score_ci_high": score + 5.4,
                          "text_score": text, "gpu_hours": h, "dollars": h * 13.63})
-    rows.append({**rows[0], "run_id": "failed", "status": "FAILED", "seed": 9, "score": np.nan})
+    rows.append({**rows[0], "run_id": "failed", "status": "FAILED", "lr": 5e-3, "score": np.nan})  # its own config
     return pd.DataFrame(rows)
 
 

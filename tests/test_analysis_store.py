@@ -161,6 +161,30 @@ def test_unknown_experiment_and_missing_store_are_named(store, tmp_path):
     assert time.monotonic() - started < 30
 
 
+def test_what_is_not_an_mlflow_store_is_named_and_left_as_it_was(tmp_path):
+    import http.server
+    import threading
+
+    from analysis.runs import AnalysisError, load_trials
+
+    empty, text, folder = tmp_path / "empty.db", tmp_path / "notes.db", tmp_path / "folder.db"
+    empty.touch()
+    text.write_text("not a database")
+    folder.mkdir()
+    for path, said in ((empty, "empty"), (text, "another kind of file"), (folder, "is not a file")):
+        with pytest.raises(AnalysisError, match=said):
+            load_trials(f"sqlite:///{path}", STUDY)
+    assert empty.stat().st_size == 0 and text.read_text() == "not a database", "reading wrote nothing"
+    # a web server that is not MLflow's answers 404 on MLflow's REST API
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(AnalysisError, match="does not answer as an MLflow tracking store"):
+            load_trials(f"http://127.0.0.1:{server.server_address[1]}", STUDY)
+    finally:
+        server.shutdown()
+
+
 # --- how the study's runs read (study.mlflow_runs): names, the study's run, the frontier's tags ---
 
 def test_trial_names_say_what_varies_and_stay_unique():

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-LORA = str(Path(__file__).parent.parent / "search_spaces" / "lora.py")
+REPO = Path(__file__).parent.parent
+LORA = str(REPO / "search_spaces" / "lora.py")
 
 
 def run(*args, cwd=None):
@@ -42,6 +43,12 @@ def test_dry_run_prints_the_plan(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "5 trials" in r.stdout and "lora_rank" in r.stdout
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_smoke_check_of_a_seeded_study_runs_two_seeds_of_three_configurations(tmp_path):
+    r = run(str(REPO / "search_spaces" / "paper_table3.py"), "--smoke", "--dry-run", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "6 trials (3 configurations x 2 seeds)" in r.stdout, r.stdout
 
 
 def test_bad_data_exits_2_naming_file_and_record_before_ray(dataset_dir, tmp_path):

@@ -43,6 +43,18 @@ def test_mean_over_seeds_is_students_t():
     assert mean_interval([40.0, 40.0]).low == 40.0
 
 
+def test_a_mean_over_seeds_is_never_narrower_than_its_questions_noise():
+    """Every seed answers the same questions: their noise is not in the spread over seeds."""
+    questions = wilson(156, 300)  # 52%
+    got = mean_interval([50.0, 52.0, 54.0], questions=300)
+    assert (got.low, got.high) == (pytest.approx(questions.low), pytest.approx(questions.high))
+    tied = mean_interval([60.0, 60.0, 60.0], questions=300)
+    assert (tied.low, tied.high) == (pytest.approx(wilson(180, 300).low), pytest.approx(wilson(180, 300).high))
+    spread = mean_interval([30.0, 52.0, 74.0], questions=300)  # the training's noise is the wider here
+    assert (spread.low, spread.high) == (pytest.approx(mean_interval([30.0, 52.0, 74.0]).low),
+                                         pytest.approx(mean_interval([30.0, 52.0, 74.0]).high))
+
+
 def test_a_difference_is_welchs():
     a, b = [50.0, 52.0, 54.0], [40.0, 41.0, 45.0]
     got = difference(a, b)
@@ -56,3 +68,12 @@ def test_a_difference_is_welchs():
     assert got.excludes(0) and not got.within(-2, 2)
     with pytest.raises(ValueError, match="2 values"):
         difference([1.0], [2.0, 3.0])
+
+
+def test_a_difference_without_spread_gets_newcombes_interval_over_the_questions():
+    # Newcombe (1998), Table II, method 10: 56/70 against 48/80 -> 0.2 [0.0524, 0.3339]
+    got = difference([80.0, 80.0], [60.0, 60.0], questions=(70, 80))
+    assert got.value == pytest.approx(20.0)
+    assert (round(got.low, 2), round(got.high, 2)) == (5.24, 33.39)
+    tie = difference([60.0] * 3, [60.0] * 3, questions=(300, 300))
+    assert tie.low < -7 and tie.high > 7, "equal seeds do not make a certain tie"

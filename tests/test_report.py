@@ -209,3 +209,33 @@ def test_cli_never_replaces_a_report_it_did_not_write(store, tmp_path, capsys):
     assert err.startswith("error: --out") and "REPORT.md" in err and "analysis.report" in err and "--force" in err
     assert (tmp_path / "REPORT.md").read_text() == "my notes" and not (tmp_path / "report-directions.png").exists()
     assert report.main(argv + ["--force"]) == 0 and (tmp_path / "REPORT.md").read_text() != "my notes"
+
+
+def test_seeds_that_tie_do_not_make_a_certain_effect():
+    """Every seed of QLoRA and of LoRA scoring the same is no proof of a tie: the questions' noise remains
+    (Newcombe's interval over their score_n questions), so 'within 1 point' is not resolved, not held."""
+    tie = dict(lora_rank=64, lora_alpha=128.0, lr=3e-3, score_n=300)
+    rows = group([60, 60, 60], **tie) + group([60, 60, 60], method="qlora", **tie)
+    df = pd.DataFrame(rows).assign(run_id=lambda d: [f"t{i}" for i in range(len(d))], experiment="tie")
+    qlora = by_number(report.assess(df))[5]
+    expected = difference([60.0] * 3, [60.0] * 3, questions=(300, 300))
+    assert (qlora["effect_ci_low"], qlora["effect_ci_high"]) == pytest.approx((expected.low, expected.high))
+    assert qlora["effect_ci_low"] < -7 and qlora["verdict"] == report.NOT_RESOLVED
+
+
+def test_cli_goes_back_to_a_folder_it_wrote_with_other_experiments(store, tmp_path, capsys):
+    """Each run's record kept what the earlier ones wrote: a report over table4 alone, then table3, then
+    table4 again, all into one folder (the third was refused: its plot 'was not written by analysis.report')."""
+    for experiments in (["table4"], ["table3"], ["table4"]):
+        argv = [a for e in experiments for a in ("--experiment", e)] + ["--tracking-uri", store, "--out",
+                                                                       str(tmp_path)]
+        assert report.main(argv) == 0, capsys.readouterr().err
+    assert (tmp_path / "report-frontier-table3.png").is_file() and (tmp_path / "report-frontier-table4.png").is_file()
+
+
+def test_cli_refuses_an_out_folder_under_a_file(store, tmp_path, capsys):
+    (tmp_path / "afile").write_text("mine")
+    argv = ["--experiment", "table3", "--tracking-uri", store, "--out", str(tmp_path / "afile" / "sub")]
+    assert report.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "afile is a file" in err[0]

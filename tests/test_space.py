@@ -87,6 +87,7 @@ def test_alpha_as_multiple_of_rank(tmp_path):
     ("SPACE = {'method': choice(['lora', 'qlora']), 'zero_stage': choice([2, 3])}",
      r"SPACE: zero_stage=3 with method=qlora.*\(the sampler can produce method='qlora', zero_stage=3\)"),
     ("import sys\nsys.exit(3)", r"calls sys.exit\(3\) while loading"),
+    ("SPACE = {}\nFIXED = {'seed': -5}\nSEEDS = 3", "seed=-5 is out of range"),
     ("SPACE = {}\nSEEDS = 0", "SEEDS=0 should be a whole number of seeds per configuration, 1 to 100"),
     ("SPACE = {}\nSEEDS = 2.5", "SEEDS=2.5 should be a whole number"),
     ("SPACE = {}\nSEEDS = True", "SEEDS=True should be a whole number"),

@@ -4,10 +4,18 @@
   (Wilson 1927; what `statsmodels.proportion_confint(method="wilson")` and scipy's
   `binomtest(...).proportion_ci(method="wilson")` give). Unlike the normal approximation it
   stays inside 0-100 and is not zero-width at 0 or 100 percent.
-- `mean_interval(values)`: the mean of one configuration's scores over seeds with Student's t
-  interval (n - 1 degrees of freedom); one value has no spread to estimate and gets none.
-- `difference(a, b)`: mean(a) - mean(b) with Welch's t interval (unequal variances), the effect
-  of one factor level over another in `analysis.report`.
+- `mean_interval(values, questions)`: the mean of one configuration's scores over seeds. Two noises
+  are in it: the training's (data order, init: the spread over seeds, Student's t with n - 1
+  degrees of freedom) and the questions' (every seed answers the same questions, so their
+  sampling noise does not show in that spread: Wilson over the `questions`). Each end is the
+  wider of the two intervals', so the interval is never narrower than either; without
+  `questions` it is the t interval alone (one value, or equal values: zero width).
+- `difference(a, b, questions)`: mean(a) - mean(b) with Welch's t interval (unequal variances),
+  the effect of one factor level over another in `analysis.report`. Both groups answered the same
+  questions, so the questions' noise is shared and mostly cancels in the difference; where neither
+  group has any spread (every seed scored the same), Welch's interval would have zero width and
+  the difference gets Newcombe's interval of two proportions over `questions` instead (Newcombe
+  1998, method 10, from the two Wilson intervals).
 
 A score over zero questions is not a number: `wilson` raises ValueError for n = 0.
 """
@@ -51,32 +59,53 @@ def wilson(hits: int, n: int, confidence: float = CONFIDENCE) -> Interval:
     return Interval(100.0 * hits / n, 100.0 * ci.low, 100.0 * ci.high, int(n))
 
 
-def mean_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> Interval:
-    """Mean of `values` (one configuration's score at several seeds) with Student's t interval; a single
-    value gets the interval [value, value] (no spread to estimate: the caller shows its own interval)."""
+def mean_interval(values: Sequence[float], questions: float | None = None,
+                  confidence: float = CONFIDENCE) -> Interval:
+    """Mean of `values` (one configuration's score at several seeds, percent) with the wider, at each end, of
+    Student's t interval over the values and the Wilson interval of the mean over `questions` (the questions
+    each seed answered; None: the t interval alone). E.g. [50, 52, 54] over 300 questions -> 52.0 [46.4,
+    57.6] (Wilson; t alone: [47.0, 57.0]). Raises ValueError for no values."""
     from scipy import stats
 
     xs = [float(v) for v in values if v is not None and not math.isnan(float(v))]
     if not xs:
         raise ValueError("no values to average")
     mean = sum(xs) / len(xs)
-    if max(xs) == min(xs):  # one value, or every value equal: no spread to estimate
-        return Interval(mean, mean, mean, len(xs))
-    low, high = stats.t.interval(confidence, len(xs) - 1, loc=mean, scale=stats.sem(xs))
-    return Interval(mean, float(low), float(high), len(xs))
+    low = high = mean
+    if max(xs) > min(xs):  # a spread to estimate
+        low, high = (float(x) for x in stats.t.interval(confidence, len(xs) - 1, loc=mean, scale=stats.sem(xs)))
+    if questions:
+        asked = _of(mean, questions, confidence)
+        low, high = min(low, asked.low), max(high, asked.high)
+    return Interval(mean, low, high, len(xs))
 
 
-def difference(a: Sequence[float], b: Sequence[float], confidence: float = CONFIDENCE) -> Interval:
-    """mean(a) - mean(b) with Welch's t interval. Needs two values on each side (a spread to estimate);
-    raises ValueError otherwise."""
+def _of(percent: float, questions: float, confidence: float) -> Interval:
+    """Wilson's interval of a mean score (percent) over `questions` questions (hits rounded to a whole)."""
+    n = max(1, round(questions))
+    return wilson(min(n, max(0, round(percent * n / 100))), n, confidence)
+
+
+def difference(a: Sequence[float], b: Sequence[float], questions: tuple[float, float] | None = None,
+               confidence: float = CONFIDENCE) -> Interval:
+    """mean(a) - mean(b) with Welch's t interval; where neither side has a spread (every value of a equal, and
+    of b) and `questions` (the questions each side's scores are over) are given, Newcombe's interval of two
+    proportions instead (else zero width). Needs two values on each side; raises ValueError otherwise."""
     from scipy import stats
 
     a = [float(v) for v in a if not math.isnan(float(v))]
     b = [float(v) for v in b if not math.isnan(float(v))]
     if len(a) < 2 or len(b) < 2:
         raise ValueError(f"an interval of a difference needs 2 values on each side (have {len(a)} and {len(b)})")
-    diff = sum(a) / len(a) - sum(b) / len(b)
+    mean_a, mean_b = sum(a) / len(a), sum(b) / len(b)
+    diff = mean_a - mean_b
     if max(a) == min(a) and max(b) == min(b):
-        return Interval(diff, diff, diff, min(len(a), len(b)))
+        if not questions:
+            return Interval(diff, diff, diff, min(len(a), len(b)))
+        wa, wb = _of(mean_a, questions[0], confidence), _of(mean_b, questions[1], confidence)
+        pa, pb = wa.value, wb.value  # the means as the hits were rounded
+        d = pa - pb
+        return Interval(d, d - math.hypot(pa - wa.low, wb.high - pb), d + math.hypot(wa.high - pa, pb - wb.low),
+                        min(len(a), len(b)))
     ci = stats.ttest_ind(a, b, equal_var=False).confidence_interval(confidence)
     return Interval(diff, float(ci.low), float(ci.high), min(len(a), len(b)))

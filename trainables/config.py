@@ -69,7 +69,7 @@ class TrialConfig:
                               "trials by; 0 = none)", default=0)
     interim_samples: int = _doc("held-out samples of each interim evaluation (the first ones of the eval split)",
                                 default=32)
-    seed: int = _doc("seed of data order, LoRA init and dropout", default=0)
+    seed: int = _doc("seed of data order, LoRA init and dropout (>= 0)", default=0)
     # --- where and how it runs ---
     num_workers: int = _doc("Ray Train workers (data-parallel ranks) per trial", default=1)
     use_gpu: bool = _doc("one GPU per worker (bf16) instead of the CPU (fp32)", default=False)
@@ -132,6 +132,7 @@ class TrialConfig:
             "zero_stage": self.zero_stage in (2, 3),
             "checkpoint_every": self.checkpoint_every >= 0,
             "max_worker_failures": self.max_worker_failures >= 0,
+            "seed": self.seed >= 0,  # numpy's generators (the batch order) take no negative seed
             "devices_per_node": self.devices_per_node > 0,
             "price_per_node_hour": self.price_per_node_hour >= 0,
         }
