@@ -239,3 +239,21 @@ def test_cli_refuses_an_out_folder_under_a_file(store, tmp_path, capsys):
     assert report.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "afile is a file" in err[0]
+
+
+def test_the_readme_quotes_the_committed_report():
+    """README's "Findings" table carries docs/REPORT.md's effects, intervals and verdicts as the report wrote them."""
+    from pathlib import Path
+
+    repo = Path(__file__).parent.parent
+    lines = (repo / "docs" / "REPORT.md").read_text().splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("| direction | finding |"))
+    columns = [c.strip() for c in lines[head].strip("|").split("|")]
+    readme = (repo / "README.md").read_text()
+    findings = readme[readme.index("## Findings"):readme.index("## Figures")]
+    rows = [dict(zip(columns, (c.strip() for c in line.strip("|").split("|")))) for line in lines[head + 2:head + 9]]
+    assert [r["direction"] for r in rows] == [str(n) for n in range(1, 8)]
+    for r in rows:
+        quoted = f"{r['effect']} [{r['effect_ci_low']}, {r['effect_ci_high']}]"
+        line = next(x for x in findings.splitlines() if x.startswith(f"| {r['direction']}. "))
+        assert quoted in line and line.rstrip(" |").endswith(r["verdict"]), (quoted, r["verdict"], line)
