@@ -29,13 +29,13 @@ with the metrics it logged before it was stopped.
 
 Seeds. When the trials that take part were run at several seeds (their `seed` param
 varies), the points are configurations, not trials: each configuration's mean over its
-seeds (analysis.tables.over_seeds: every metric averaged, the score's interval the t
-interval over seeds, `seeds` counts them, `run_id` lists the runs "id1,id2"); one noisy
+seeds (analysis.tables.over_seeds: every metric averaged, the score's interval over seeds
+and questions, `seeds` counts them, `run_id` lists the runs "id1,id2"); one noisy
 seed would otherwise win the frontier by luck. `Frontier.trials` then holds one row per
 configuration that took part plus one per trial left out. `over_seeds=False` keeps trials.
 
 Noise. Where the score has a 95% interval (`score_ci_low`, `score_ci_high`: Wilson over
-the questions, or t over seeds), a point is significantly dominated when another costs
+the questions, or over seeds and questions), a point is significantly dominated when another costs
 no more (the first cost, e.g. gpu_hours) and its interval's low end lies above this
 point's high end. `contender` is True for the points that are not: they may belong on
 the frontier for all the evaluation can tell (every frontier point is one). It is <NA>

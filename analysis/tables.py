@@ -14,8 +14,9 @@ rate, while the score is reported both as the best trial and the mean.
 
 Seeds. A configuration is every param but `seed` (data order, LoRA init, dropout);
 a study that runs each configuration at several seeds gets, per configuration, the
-mean score over its seeds with Student's t 95% interval (tracking.intervals.mean_interval,
-in score points 0-100) in place of one evaluation's Wilson interval. The tables then
+mean score over its seeds with a 95% interval (tracking.intervals.mean_interval, in score
+points 0-100): at each end the wider of Student's t over the seeds and Wilson's over the
+questions every seed answered. The tables then
 show intervals too: `score_mean` with its t interval over the row's trials, and
 `score_best` as the best configuration's mean over its seeds (not its luckiest seed)
 with that configuration's interval; `seeds` counts the distinct seeds of the row.
@@ -66,6 +67,14 @@ def tidy(trials: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
+RUN_IDS = ","  # a configuration's row joins its seeds' run ids: "id1,id2,id3"
+
+
+def run_ids_of(value) -> list[str]:
+    """The run ids a frontier or table row stands for: one trial's, or a configuration's seeds' (joined)."""
+    return str(value).split(RUN_IDS)
+
+
 def configuration_keys(df: pd.DataFrame) -> list[str]:
     """The columns that make a configuration: the experiment and every param (TrialConfig's fields and
     `alpha_per_rank`) the frame has, except `seed`; none when it has no param."""
@@ -82,7 +91,7 @@ def several_seeds(trials: pd.DataFrame) -> bool:
 def over_seeds(trials: pd.DataFrame) -> pd.DataFrame:
     """One row per configuration of the finished trials (see `configuration_keys`): its params, `seeds` (how
     many trials it has), the mean of every metric over them, and for `score` / `text_score` with two or more
-    seeds the t interval of that mean in `*_ci_low` / `*_ci_high` (one seed keeps its Wilson interval).
+    seeds the interval of that mean (`mean_and_interval`) in `*_ci_low` / `*_ci_high` (one seed keeps its own).
     `run_id` lists the configuration's runs ("id1,id2"), `run_name` keeps the words its runs' names share."""
     return seed_means(finished(trials))
 
@@ -109,7 +118,7 @@ def _configuration(group: pd.DataFrame, keys: list[str]) -> dict:
         elif pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
             row[col] = values.mean()
         else:  # run ids, status, study: the distinct values, in order
-            row[col] = ",".join(dict.fromkeys(str(v) for v in values.dropna())) or None
+            row[col] = RUN_IDS.join(dict.fromkeys(str(v) for v in values.dropna())) or None
     for score in ["score"] + EXTRA_SCORES:
         if score in group and group[score].notna().any():
             row.update(zip([score, *(score + end for end in INTERVAL_ENDS)], mean_and_interval(group, score)))

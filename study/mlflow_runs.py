@@ -239,6 +239,7 @@ def study_note(study: str, experiment_id: str, summary: dict, table, trials_tota
     """The study run's description (Markdown, within MLflow's 8,000 characters): what was spent and found,
     and the frontier table with each trial's name linked to its run."""
     from analysis.runs import formatted, scores_of
+    from analysis.tables import run_ids_of
 
     spent = (f"{summary['total_gpu_hours']:.3g} GPU-hours per node, ${summary['total_dollars']:,.4g}"
              if "total_gpu_hours" in summary else "no cost logged")
@@ -262,7 +263,7 @@ def study_note(study: str, experiment_id: str, summary: dict, table, trials_tota
         cells = [_cell(v) for v in row]
         if "run_name" in view.columns:
             at = list(view.columns).index("run_name")
-            seeds = str(run_id).split(",")  # a configuration's seeds: linked to the first, counted
+            seeds = run_ids_of(run_id)  # a configuration's seeds: linked to the first, counted
             cells[at] = f"[{cells[at]}]({run_link(experiment_id, seeds[0])})" + \
                 (f" ({len(seeds)} seeds)" if len(seeds) > 1 else "")
         rows.append("| " + " | ".join(cells) + " |\n")
@@ -302,6 +303,7 @@ def finish_study_run(client: MlflowClient, experiment_id: str, parent: str, stud
     table's view with the columns the trials logged. `front` is analysis' Frontier of the study's trials, or
     None. Returns the view's key (for `ui_link`)."""
     from analysis.frontier import frontier_table
+    from analysis.tables import run_ids_of
 
     runs = trial_runs(client, experiment_id, parent)
     summary = summary_metrics(runs, front)
@@ -310,7 +312,7 @@ def finish_study_run(client: MlflowClient, experiment_id: str, parent: str, stud
     if front is not None:
         # a configuration run at several seeds is one frontier row whose run_id joins its seeds' runs
         on = {run_id for ids in front.trials.loc[front.trials["on_frontier"].astype(bool), "run_id"]
-              for run_id in str(ids).split(",")}
+              for run_id in run_ids_of(ids)}
         for run in runs:
             client.set_tag(run.info.run_id, ON_FRONTIER, "true" if run.info.run_id in on else "false")
     table = frontier_table(front) if front is not None else None

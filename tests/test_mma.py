@@ -231,5 +231,6 @@ def test_the_worker_trains_and_evaluates_mma(prepared, world_data, process_group
     losses = [log.values[step] for step in sorted(log.values)]
     assert len(losses) == 12 and sum(losses[-3:]) < 0.9 * sum(losses[:3]), losses
     scores = worker.evaluate(ctx, engine)
-    assert {"score", "score_n", "score_ci_low", "score_ci_high", "text_score", "multiple_choice", "unparsed"} <= \
-        set(scores) and scores["multiple_choice"] == 0
+    assert set(scores) == {f"{score}{part}" for score in ("score", "text_score") for part in
+                           ("", "_n", "_ci_low", "_ci_high")} | {"multiple_choice", "unparsed"}
+    assert scores["multiple_choice"] == 0

@@ -1,5 +1,7 @@
 """The search tells Optuna the truth and spends within a budget; the forecast counts FLOPs as the papers do."""
 
+import json
+import math
 import pickle
 from pathlib import Path
 
@@ -371,7 +373,8 @@ def test_the_calibration_measures_a_diverging_first_configuration(tmp_path, monk
     monkeypatch.setattr(forecast, "calibration_cache", lambda cfg, data, threads: tmp_path / "rate.json")
     cfg = TrialConfig(method="full", model_size="0.3m", lr=1e30, projector_lr=1e30, batch_size=4)
     rate = forecast.calibrate(cfg, DataShape(tokens=40.0, image_share=0.5), say=lambda line: None)
-    assert rate > 0 and (tmp_path / "rate.json").is_file()
+    found = json.loads((tmp_path / "rate.json").read_text())
+    assert rate == found["flops_per_s"] and found["seconds_per_step"] > 0 and math.isfinite(rate)
 
 
 SEEDED = """

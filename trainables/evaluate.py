@@ -14,17 +14,27 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from tracking.intervals import wilson
 from trainables.answers import judge
 from trainables.data.loader import Collate, eval_indices, eval_loader
 
 
 @dataclass(frozen=True)
 class Scores:
-    score: float          # 0-100 over every question
-    questions: int
-    hits: int             # questions answered right (score = 100 x hits / questions)
+    questions: int        # at least one (score_details raises over none)
+    hits: int             # questions answered right
     multiple_choice: int  # questions scored by their option letter
     unparsed: int         # multiple-choice answers naming no option (counted wrong)
+
+    @property
+    def score(self) -> float:
+        """0-100 over every question."""
+        return 100.0 * self.hits / self.questions
+
+    @property
+    def interval(self):
+        """The score's 95% Wilson interval (tracking.intervals.Interval, percent)."""
+        return wilson(self.hits, self.questions)
 
 
 @torch.no_grad()
@@ -66,4 +76,4 @@ def score_details(model, dataset, collate: Collate, tokenizer, max_new_tokens: i
     hits, n, mc, unparsed = totals.tolist()
     if n == 0:
         raise ValueError("no questions to score: a score over zero questions is not a number")
-    return Scores(100.0 * hits / n, int(n), int(hits), int(mc), int(unparsed))
+    return Scores(int(n), int(hits), int(mc), int(unparsed))

@@ -28,7 +28,6 @@ from trainables.data.check import DataPlan
 from trainables.data.loader import Collate, SplitDataset, train_loader
 from trainables.evaluate import score_details
 from trainables.methods import METHODS, STAGE1, apply_stage, check_stage, dir_mb
-from tracking.intervals import wilson
 
 
 @dataclass
@@ -357,9 +356,8 @@ def evaluate(ctx: Ctx, engine) -> dict[str, float]:
         found = score_details(engine.module, held_out, ctx.collate(left=True), ctx.tokenizer, cfg.max_new_tokens,
                               ctx.device, ctx.rank, ctx.world, synced=cfg.zero_stage == 3,
                               batch_size=cfg.eval_batch_size, workers=cfg.loader_workers)
-        interval = wilson(found.hits, found.questions)
-        result.update({metric: found.score, f"{metric}_n": found.questions, f"{metric}_ci_low": interval.low,
-                       f"{metric}_ci_high": interval.high})
+        result.update({metric: found.score, f"{metric}_n": found.questions, f"{metric}_ci_low": found.interval.low,
+                       f"{metric}_ci_high": found.interval.high})
         if metric == "score":
             result.update(multiple_choice=found.multiple_choice, unparsed=found.unparsed)
     return result
