@@ -1,9 +1,9 @@
 """Do the papers' seven directions hold in our studies? Each effect with its 95% interval and a verdict.
 
     python -m analysis.report --experiment paper_table4 --experiment paper_table3 [--tracking-uri URI]
-        [--out docs] [--force]
+        [--out report] [--force]
 
-Prints the table and writes OUT/REPORT.md (default OUT: docs/) with the command that made it, the
+Prints the table and writes OUT/REPORT.md (default OUT: report/ in the working directory) with the command that made it, the
 trials and seeds per experiment, the table, and its plots beside it: report-directions.png (each
 direction's effect, its interval and its threshold) and report-frontier-<experiment>.png. Files in
 OUT that this command did not write (or that changed since it did) are never replaced unless
@@ -26,8 +26,8 @@ recommends: lora trials with alpha = 2 x rank at the highest lr of the lora tria
 takes its largest rank, the paper's comparison with full fine-tuning; direction 7 whichever
 ranks the matching finds twins at).
 
-Verdicts: "holds" (the whole interval lies where the paper says), "not resolved" (the estimate
-does, but the interval is too wide to show it), "does not hold" (the estimate does not),
+Verdicts: "holds" (the whole interval lies where the paper says), "not resolved" (the interval
+reaches both inside and outside the claim), "does not hold" (the whole interval lies outside),
 "not measured" (a group has fewer than 2 trials; `note` says which). The experiments' trials are
 pooled, so a direction may come from any of them.
 """
@@ -250,9 +250,14 @@ def effect_of(a: pd.DataFrame, b: pd.DataFrame, metric: str) -> Interval:
 
 
 def verdict(direction: Direction, effect: Interval) -> str:
+    """holds: the whole interval within the claim; does not hold: the whole interval outside it (an estimate
+    against the claim with an interval that reaches it, e.g. -9.4 [-92.3, +73.6] for "> 0", is not resolved,
+    as one for the claim would be); not resolved otherwise."""
     if direction.allows(effect.low) and direction.allows(effect.high):
         return HOLDS
-    return NOT_RESOLVED if direction.allows(effect.value) else DOES_NOT_HOLD
+    below = effect.high < direction.low or (effect.high == direction.low and not direction.closed)
+    above = effect.low > direction.high or (effect.low == direction.high and not direction.closed)
+    return DOES_NOT_HOLD if below or above else NOT_RESOLVED
 
 
 def assess(trials: pd.DataFrame) -> pd.DataFrame:
@@ -323,7 +328,8 @@ def markdown(effects: pd.DataFrame, counts: pd.DataFrame, command: str, frontier
              "Effect = mean of A - mean of B (`compared`), in score points (0-100), with Welch's 95% interval over "
              "the individual trials (one trial = one seed of one configuration). `claim`: the effect the paper's "
              "finding allows. Verdicts: **holds** (the whole interval within the claim), **not resolved** (the "
-             "estimate within, the interval too wide), **does not hold** (the estimate outside), **not measured** "
+             "interval reaches both inside and outside the claim), **does not hold** (the whole interval outside), "
+             "**not measured** "
              "(a group has fewer than 2 trials). `matched_on`: what each trial of A shares with some trial of B.\n",
              tables.to_markdown(effects[SHOWN]), f"![Each direction's effect with its 95% interval]({FOREST})\n",
              "## What the papers found\n"]
@@ -373,7 +379,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--experiment", action="append", required=True,
                    help="an MLflow experiment (a study's name); repeat for several, their trials are pooled")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else ./mlflow.db)")
-    p.add_argument("--out", default="docs", help="folder of REPORT.md and its plots (default docs)")
+    p.add_argument("--out", default="report", help="folder of REPORT.md and its plots (default report/ in the "
+                   "working directory; this project's docs/REPORT.md was written with --out docs --force)")
     p.add_argument("--force", action="store_true", help="replace REPORT.md and its plots even if this command "
                    "did not write them")
     return p.parse_args(argv)

@@ -115,6 +115,13 @@ def _require_local_store(uri: str) -> None:
                 kind = "empty" if path.stat().st_size == 0 else "another kind of file"
                 raise AnalysisError(f"{path} is not an SQLite database ({kind}): not an MLflow store "
                                     f"(tracking URI {uri})")
+        import sqlite3
+
+        with sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True) as db:  # read-only: MLflow would
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if not {"experiments", "runs"} <= tables:  # ... write its schema into another program's database
+            raise AnalysisError(f"{path} is an SQLite database without MLflow's tables: not an MLflow store "
+                                f"(tracking URI {uri})")
 
 
 def load_studies(tracking_uri: str | None, experiments: list[str]) -> pd.DataFrame:

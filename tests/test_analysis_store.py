@@ -175,6 +175,15 @@ def test_what_is_not_an_mlflow_store_is_named_and_left_as_it_was(tmp_path):
         with pytest.raises(AnalysisError, match=said):
             load_trials(f"sqlite:///{path}", STUDY)
     assert empty.stat().st_size == 0 and text.read_text() == "not a database", "reading wrote nothing"
+    import sqlite3
+
+    other = tmp_path / "app.db"  # another program's SQLite database: MLflow wrote its 200 tables into it
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE notes (text TEXT)")
+    before = other.read_bytes()
+    with pytest.raises(AnalysisError, match="without MLflow's tables"):
+        load_trials(f"sqlite:///{other}", STUDY)
+    assert other.read_bytes() == before
     # a web server that is not MLflow's answers 404 on MLflow's REST API
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
     threading.Thread(target=server.serve_forever, daemon=True).start()

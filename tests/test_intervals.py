@@ -43,6 +43,11 @@ def test_mean_over_seeds_is_students_t():
     assert mean_interval([40.0, 40.0]).low == 40.0
 
 
+def test_a_mean_over_seeds_stays_on_the_scores_scale():
+    got = mean_interval([15.6, 34.4])  # two seeds far apart: t with 1 degree of freedom spans [-103.8, 153.8]
+    assert (got.low, got.high) == (0.0, 100.0) and got.value == pytest.approx(25.0)
+
+
 def test_a_mean_over_seeds_is_never_narrower_than_its_questions_noise():
     """Every seed answers the same questions: their noise is not in the spread over seeds."""
     questions = wilson(156, 300)  # 52%

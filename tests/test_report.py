@@ -257,3 +257,13 @@ def test_the_readme_quotes_the_committed_report():
         quoted = f"{r['effect']} [{r['effect_ci_low']}, {r['effect_ci_high']}]"
         line = next(x for x in findings.splitlines() if x.startswith(f"| {r['direction']}. "))
         assert quoted in line and line.rstrip(" |").endswith(r["verdict"]), (quoted, r["verdict"], line)
+
+
+def test_an_estimate_against_the_claim_with_an_interval_that_reaches_it_is_not_resolved():
+    from tracking.intervals import Interval
+
+    larger = report.DIRECTIONS[0]  # "> 0"
+    assert report.verdict(larger, Interval(-9.4, -92.3, 73.6, 2)) == report.NOT_RESOLVED  # a smoke study's noise
+    assert report.verdict(larger, Interval(-4.3, -7.9, -0.7, 12)) == report.DOES_NOT_HOLD
+    assert report.verdict(larger, Interval(-1.0, -2.0, 0.0, 12)) == report.DOES_NOT_HOLD  # 0 itself is not "> 0"
+    assert report.verdict(larger, Interval(2.6, 0.1, 5.6, 12)) == report.HOLDS

@@ -63,7 +63,7 @@ def mean_interval(values: Sequence[float], questions: float | None = None,
                   confidence: float = CONFIDENCE) -> Interval:
     """Mean of `values` (one configuration's score at several seeds, percent) with the wider, at each end, of
     Student's t interval over the values and the Wilson interval of the mean over `questions` (the questions
-    each seed answered; None: the t interval alone). E.g. [50, 52, 54] over 300 questions -> 52.0 [46.4,
+    each seed answered; None: the t interval alone), kept within 0-100. E.g. [50, 52, 54] over 300 questions -> 52.0 [46.4,
     57.6] (Wilson; t alone: [47.0, 57.0]). Raises ValueError for no values."""
     from scipy import stats
 
@@ -77,7 +77,8 @@ def mean_interval(values: Sequence[float], questions: float | None = None,
     if questions:
         asked = _of(mean, questions, confidence)
         low, high = min(low, asked.low), max(high, asked.high)
-    return Interval(mean, low, high, len(xs))
+    # a score is a percentage: t over two seeds can reach past either end (25.0 [-14.7, 64.7] in a smoke study)
+    return Interval(mean, max(low, 0.0), min(high, 100.0), len(xs))
 
 
 def _of(percent: float, questions: float, confidence: float) -> Interval:
