@@ -89,8 +89,9 @@ _SPECS = [
                "computed stage 1 (not when it came from the cache)", "stage-1 loss", "{:.3f}", per_step=True),
     MetricSpec("skipped_records", "records", NEITHER, "study", "records --skip-invalid dropped (the study's run; "
                "ids and reasons in its artifact data/skipped.json)", "skipped records", "{:.0f}"),
-    MetricSpec("best_score", "0-100", MAX, "study", "the highest score of the study's finished trials (the study's "
-               "run, logged when it ends; its description holds the frontier table)", "best score (0-100)", "{:.1f}"),
+    MetricSpec("best_score", "0-100", MAX, "study", "the highest score of the study's finished trials (of its "
+               "configurations' means over seeds where it ran several; the study's run, logged when it ends; its "
+               "description holds the frontier table)", "best score (0-100)", "{:.1f}"),
     MetricSpec("frontier_size", "trials", NEITHER, "study", "trials on the frontier of score vs gpu_hours (tag "
                "on_frontier = true on their runs)", "trials on the frontier", "{:.0f}"),
     MetricSpec("trials_finished", "trials", NEITHER, "study", "trials that ran to their final evaluation",
