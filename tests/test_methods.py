@@ -82,7 +82,7 @@ def _get(runs, key, tmp_path_factory):
     return runs[key]
 
 
-CASES = [("lora", 2), ("qlora", 2), ("full", 2), ("full", 3)]
+CASES = [("lora", 2), ("qlora", 2), ("qlora", 3), ("full", 2), ("full", 3)]
 
 
 @pytest.mark.parametrize("key", CASES, ids=lambda k: f"{k[0]}-zero{k[1]}")
@@ -101,10 +101,11 @@ def test_method_lowers_loss_and_trains_what_its_table_says(runs, tmp_path_factor
         assert counts["llm"] == lora_count(config.text_config, cfg.lora_rank)
 
 
-def test_qlora_base_layers_are_4bit_nf4(runs, tmp_path_factory):
+@pytest.mark.parametrize("zero_stage", [2, 3], ids=["zero2", "zero3"])
+def test_qlora_base_layers_are_4bit_nf4(runs, tmp_path_factory, zero_stage):
     import bitsandbytes as bnb
 
-    cfg, ctx, base, engine, *_ = _get(runs, ("qlora", 2), tmp_path_factory)
+    cfg, ctx, base, engine, *_ = _get(runs, ("qlora", zero_stage), tmp_path_factory)
     layers = {n: m for n, m in engine.module.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     llm_linears = [n for n, m in engine.module.named_modules()
                    if n.endswith(TARGETS) and "language_model" in n and "lora" not in n]
@@ -112,15 +113,25 @@ def test_qlora_base_layers_are_4bit_nf4(runs, tmp_path_factory):
     assert llm_linears and all(f"{n}.base_layer" in layers for n in llm_linears), "an LLM linear layer is not 4-bit"
     for n, m in layers.items():
         assert "language_model" in n, f"{n} is quantized but only the LLM should be"
-        assert m.weight.dtype == torch.uint8 and m.weight.quant_state.quant_type == "nf4"
+        # under ZeRO-3 the packed 4-bit weights are stored in the compute dtype, which DeepSpeed partitions
+        assert m.weight.dtype == (torch.float32 if zero_stage == 3 else torch.uint8), (n, m.weight.dtype)
+        assert m.weight.quant_state.quant_type == "nf4"
         assert m.weight.quant_state.nested, "double quantization is off"
+        if zero_stage == 3:  # a ZeRO-3 parameter: DeepSpeed holds this rank's partition of the packed weight
+            assert m.weight.ds_tensor.dtype == torch.float32 and m.weight.ds_numel == m.in_features * m.out_features // 8, n
     projector = engine.module.base_model.model.model.multi_modal_projector
     assert all(p.dtype == torch.float32 for p in projector.parameters())
 
 
-def test_qlora_with_zero3_is_refused_by_name():
-    with pytest.raises(ConfigError, match="zero_stage=3 with method=qlora"):
+def test_qlora_with_zero3_needs_a_bitsandbytes_with_quant_storage(monkeypatch):
+    from trainables.methods import stages
+
+    assert TrialConfig(method="qlora", zero_stage=3).zero_stage == 3
+    monkeypatch.setattr(stages, "installed", lambda package: "0.42.0")
+    with pytest.raises(ConfigError, match=r"zero_stage=3 with method=qlora needs bitsandbytes >= 0.43.0 .*"
+                                          r"installed: 0.42.0. Upgrade bitsandbytes, or use zero_stage=2"):
         TrialConfig(method="qlora", zero_stage=3)
+    assert TrialConfig(method="qlora", zero_stage=2).zero_stage == 2
 
 
 def _save(ctx, engine, tmp_path):
@@ -130,11 +141,12 @@ def _save(ctx, engine, tmp_path):
     return out, size
 
 
-@pytest.mark.parametrize("method", ["lora", "qlora"])
-def test_adapter_reloads_with_stock_peft_to_the_same_logits(runs, tmp_path_factory, tmp_path, method):
+@pytest.mark.parametrize("method, zero_stage", [("lora", 2), ("qlora", 2), ("qlora", 3)],
+                         ids=["lora", "qlora", "qlora-zero3"])
+def test_adapter_reloads_with_stock_peft_to_the_same_logits(runs, tmp_path_factory, tmp_path, method, zero_stage):
     from peft import PeftModel
 
-    cfg, ctx, base, engine, *_, batch = _get(runs, (method, 2), tmp_path_factory)
+    cfg, ctx, base, engine, *_, batch = _get(runs, (method, zero_stage), tmp_path_factory)
     out, _ = _save(ctx, engine, tmp_path)
     base_path = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
     assert base_path == str(base)

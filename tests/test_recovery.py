@@ -97,7 +97,7 @@ def resumed_and_uninterrupted(method: str, zero_stage: int, world_data, tmp_path
     return out
 
 
-CASES = [("lora", 2), ("full", 3), ("qlora", 2), ("lora", 3), ("full", 2), ("mma", 2)]
+CASES = [("lora", 2), ("full", 3), ("qlora", 2), ("qlora", 3), ("lora", 3), ("full", 2), ("mma", 2)]
 
 
 @pytest.mark.parametrize("method, zero_stage", CASES, ids=[f"{m}-zero{z}" for m, z in CASES])

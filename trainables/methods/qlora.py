@@ -1,8 +1,12 @@
 """QLoRA: LoRA plus one setting, the base LLM in 4-bit NF4 (bitsandbytes, double quantization).
 
 The vision tower, the projector and the LM head stay unquantized, and the projector
-trains as in LoRA. Runs under ZeRO-2: ZeRO-3 cannot shard 4-bit weights, and the
-config refuses that pair before anything starts (Method.problem).
+trains as in LoRA. Under ZeRO-3 the packed 4-bit weights are stored in the compute dtype
+(`bnb_4bit_quant_storage`, PEFT's documented route for DeepSpeed ZeRO-3 and FSDP) so that
+DeepSpeed partitions and gathers them like any other frozen weight; their quantization
+state (absmax, double-quantization constants) stays whole on every rank. Under ZeRO-2 they
+keep bitsandbytes' default uint8 storage; the numbers are the same either way. A
+bitsandbytes too old for quant_storage is refused for ZeRO-3 by name (Method.problem).
 """
 
 from __future__ import annotations
@@ -31,8 +35,11 @@ def quantization_config(cfg):
 
     if not METHODS[cfg.method].quantize_base:
         return None
+    import torch
+
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute_dtype(cfg), llm_int8_skip_modules=KEEP_UNQUANTIZED)
+                              bnb_4bit_compute_dtype=compute_dtype(cfg), llm_int8_skip_modules=KEEP_UNQUANTIZED,
+                              bnb_4bit_quant_storage=compute_dtype(cfg) if cfg.zero_stage == 3 else torch.uint8)
 
 
 def exact_cpu_kernels(model):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -17,12 +18,21 @@ if TYPE_CHECKING:  # the registry is read by analysis/, which must not need torc
     import torch
 
 FROZEN, LORA, ADAPTER, FULL = "frozen", "lora", "adapter", "full"
+QUANT_STORAGE_BNB = "0.43.0"  # the first bitsandbytes with bnb_4bit_quant_storage (4-bit weights ZeRO-3 can shard)
 # projector = LLaVA's 2-layer MLP; neck = MMA's visual neck and modality tokens (LaVIN), which replace it.
 PARTS = ("vision_tower", "projector", "neck", "llm")
 # LLaVA's stage 1 (feature alignment): only the projector learns, on captions.
 STAGE1 = {"vision_tower": FROZEN, "projector": FULL, "llm": FROZEN}
 # Which parameter names an adapted part may train (anything else in it stays frozen).
 ADAPTER_MARKS = {LORA: "lora_", ADAPTER: "mma_"}
+
+
+def installed(package: str) -> str | None:
+    """The installed version of `package`, or None."""
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
 
 def _no_wrap(model, cfg):
@@ -69,8 +79,13 @@ class Method:
     def problem(self, cfg) -> str | None:
         """A setting this method cannot run with, as a one-line reason (None if fine)."""
         if self.quantize_base and cfg.zero_stage == 3:
-            return (f"zero_stage=3 with method={self.name}: ZeRO-3 cannot shard bitsandbytes 4-bit weights; "
-                    "use zero_stage=2")
+            have = installed("bitsandbytes")
+            from packaging.version import Version
+
+            if have is None or Version(have) < Version(QUANT_STORAGE_BNB):
+                return (f"zero_stage=3 with method={self.name} needs bitsandbytes >= {QUANT_STORAGE_BNB} (ZeRO-3 "
+                        "shards 4-bit weights stored in the compute dtype, bnb_4bit_quant_storage); installed: "
+                        f"{have or 'none'}. Upgrade bitsandbytes, or use zero_stage=2")
         return None
 
     def label(self, values) -> str:
