@@ -5,7 +5,8 @@
 The scaling paper found QLoRA close to LoRA at the same rank and learning rate, at a
 fraction of the memory. Its LoRA anchors hold here: alpha = 2 x rank (fixed, the
 best it found), rank 8 to 64, lr 1e-4 at 7B, which for our ~1000x smaller zoo
-models sits about 10x higher. ZeRO-2 only: 4-bit weights cannot be sharded by ZeRO-3.
+models sits about 10x higher. ZeRO-2 here (one rank per trial on a laptop); on a cluster, zero_stage 3
+shards the 4-bit base too (stored in the compute dtype: trainables/methods/qlora.py).
 """
 from study.space import choice, loguniform, alpha_per_rank
 
