@@ -110,7 +110,7 @@ def train_once(plan: str, steps: int, storage: str, shapes: bool, in_memory: boo
         cfg = cfg.replace(loader_workers=0)
         ctx.cfg = cfg
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
-    _, seconds, _ = worker.train(ctx, model, worker.param_groups(model, cfg), dataset, steps, "bench")
+    _, seconds, _ = worker.train(ctx, model, worker.param_groups(model, cfg), dataset, steps, "stage2")
     return {"samples_per_s": batch * steps / seconds, "seconds": seconds, "samples": len(dataset),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10,
             "rss_before_training_mb": rss_before,

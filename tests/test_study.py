@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from tracking.metrics import PHASES, WORK, phase_metric
+
 REPO = Path(__file__).parent.parent
 TRIAL_PARAMS = ("method", "model_size", "lr", "lora_rank", "lora_alpha", "image_size", "mix_ratio", "batch_size",
                 "stage1_steps", "stage2_steps", "num_workers", "zero_stage", "seed")
@@ -57,6 +59,13 @@ def test_smoke_lora_study(tmp_path):
         assert losses[-1] < losses[0], losses
         files = {Path(f.path).name for f in client.list_artifacts(run.info.run_id, "adapter")}
         assert {"adapter_config.json", "adapter_model.safetensors"} <= files
+        # the trial's wall time by phase (trainables.timing): within its run's span, overhead = all but the work
+        m = run.data.metrics
+        spent = {p: m[phase_metric(p)] for p in PHASES if phase_metric(p) in m}
+        assert {"startup", "imports", "model_load", "ds_init", "stage2_training", "evaluation", "artifact_save",
+                "mlflow_log"} <= set(spent), spent
+        assert 0 < sum(spent.values()) <= (run.info.end_time - run.info.start_time) / 1000
+        assert m["time_overhead_s"] == pytest.approx(sum(v for p, v in spent.items() if p not in WORK))
     # the study's run carries the frontier plot and table
     frontier = {Path(f.path).name for f in client.list_artifacts(parents[0].info.run_id, "frontier")}
     assert {"frontier.png", "frontier.csv", "table.md"} <= frontier

@@ -59,6 +59,11 @@ def test_stage2_lora_leaves_base_weights_untouched(trial):
     assert counts["vision_tower"] == 0 and counts["llm"] == sum(p.numel() for p in lora.values())
     assert counts["projector"] == meta["trainable_params"]
     scores = worker.evaluate(ctx, engine)
+    # where the trial's time went (trainables.timing): stage 1 was built and trained here (the fixture), then these
+    spent = ctx.phases.seconds
+    assert {"stage1_build", "stage1_training", "model_load", "data_load", "ds_init", "stage2_training",
+            "evaluation"} <= set(spent), spent
+    assert spent["stage2_training"] >= seconds > 0, "the phase holds the loop that the trial's cost is charged for"
     assert set(scores) == {f"{score}{part}" for score in ("score", "text_score") for part in
                            ("", "_n", "_ci_low", "_ci_high")} | {"multiple_choice", "unparsed"}
     assert scores["score_n"] == cfg.eval_samples and scores["text_score_n"] > 0, "each score counts its questions"

@@ -105,6 +105,36 @@ _SPECS = [
                "GPU-hours per node spent", "{:.2e}"),
     MetricSpec("total_dollars", "$", MIN, "study", "dollars summed over the same trials", "cost spent ($)", "{:.4f}"),
 ]
+# A trial's wall time by phase (trainables.timing), in the order a trial passes them.
+PHASES = {
+    "startup": "from the trial's run starting until its worker's loop runs: Tune's trial actor, the TorchTrainer, "
+               "Ray's worker group and process group, the worker's imports",
+    "imports": "the worker loop's own imports (MLflow, DeepSpeed) and attaching to the trial's run",
+    "model_load": "tokenizer and processor, the stage-1 checkpoint loaded with the method applied",
+    "stage1_cache_read": "finding (or waiting for) the stage-1 checkpoint another trial computed",
+    "stage1_build": "assembling the stage-1 model and saving its checkpoint (its training is stage1_training)",
+    "stage1_training": "stage-1 steps, when this trial computed them",
+    "data_load": "opening the stage-2 data (memory-mapped shards)",
+    "ds_init": "deepspeed.initialize: the engine and ZeRO's partitions",
+    "stage2_training": "stage-2 steps, waits for data included",
+    "interim_evaluation": "interim evaluations during stage 2",
+    "checkpoint": "stage-2 checkpoints for a restarted worker group",
+    "evaluation": "the final evaluation (score and text_score)",
+    "artifact_save": "writing the method's artifact (adapter, or the model)",
+    "mlflow_log": "the model card, the artifact upload and the final metrics to MLflow",
+}
+WORK = ("stage1_training", "stage2_training", "interim_evaluation", "evaluation")  # what a trial is for
+
+
+def phase_metric(phase: str) -> str:
+    return f"time_{phase}_s"
+
+
+_SPECS += [MetricSpec(phase_metric(p), "s", MIN, "trial", f"wall seconds of rank 0 in this phase: {what}",
+                      f"{p.replace('_', ' ')} (s)", "{:.1f}") for p, what in PHASES.items()]
+_SPECS.append(MetricSpec("time_overhead_s", "s", MIN, "trial", "wall seconds of the trial outside its work "
+                         f"({', '.join(WORK)}): the sum of the other phases (bench.overhead)",
+                         "trial overhead (s)", "{:.1f}"))
 METRICS: dict[str, MetricSpec] = {m.name: m for m in _SPECS}
 
 

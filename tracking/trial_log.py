@@ -62,6 +62,10 @@ class TrialLog:
         return {"study": self.client.get_experiment(run.info.experiment_id).name,
                 "trial": run.info.run_name or "", "run_id": self.run_id}
 
+    def started(self) -> float:
+        """When the trial's run started (seconds since the epoch): the driver opened it as the trial started."""
+        return self.client.get_run(self.run_id).info.start_time / 1000
+
     def stopped_early(self) -> bool:
         """Whether the study's scheduler stopped this trial (the driver tags its run `stopped_early`)."""
         return "stopped_early" in self.client.get_run(self.run_id).data.tags

@@ -16,7 +16,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,6 +28,7 @@ from trainables.data.check import DataPlan
 from trainables.data.loader import Collate, SplitDataset, train_loader
 from trainables.evaluate import score_details
 from trainables.methods import METHODS, STAGE1, apply_stage, check_stage, dir_mb
+from trainables.timing import Phases
 
 
 @dataclass
@@ -43,6 +44,7 @@ class Ctx:
     name: str = ""
     image_tokens: int = 0  # features (and <image> tokens) per image for this trial's tower and method
     report: object = None  # ray.train.report in a Ray Train worker (every rank calls it), else None
+    phases: Phases = field(default_factory=Phases)  # where this rank's wall time goes (trainables.timing)
 
     @property
     def tokenizer(self):
@@ -114,21 +116,32 @@ def train(ctx: Ctx, model, groups: list[dict], dataset, steps: int, stage: str,
     seconds)` -> metrics (or None when not due) runs an interim evaluation; its metrics are
     reported (with the checkpoint when one is due at that step). Its time is not training time.
     """
-    import deepspeed
-
     from trainables import checkpoint, ds_ops
 
-    ds_ops.prepare()  # before DeepSpeed's first initialize in this process: no JIT op, no lock to wait on
     cfg = ctx.cfg
-    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps, cfg.warmup_ratio))
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
-                                      config=deepspeed_config(cfg, ctx.world), dist_init_required=False)
-    engine.train()
+    with ctx.phases("ds_init"):
+        import deepspeed
+
+        ds_ops.prepare()  # before DeepSpeed's first initialize in this process: no JIT op, no lock to wait on
+        opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps, cfg.warmup_ratio))
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
+                                          config=deepspeed_config(cfg, ctx.world), dist_init_required=False)
+        engine.train()
     done = checkpoint.Progress()
     if resume is not None:
-        done = checkpoint.restore(resume, engine, cfg, ctx.rank, ctx.world)
+        with ctx.phases("checkpoint"):
+            done = checkpoint.restore(resume, engine, cfg, ctx.rank, ctx.world)
         ctx.say(f"{stage}: resumed from the checkpoint at step {done.step}/{steps} ({resume.name})")
+    with ctx.phases("stage1_training" if stage == "stage1" else "stage2_training"):
+        return _steps(ctx, engine, dataset, steps, stage, done, saver, interim)
+
+
+def _steps(ctx: Ctx, engine, dataset, steps: int, stage: str, done, saver, interim) -> tuple[object, float, float]:
+    """`train`'s loop, from the step after `done`."""
+    from trainables import checkpoint
+
+    cfg = ctx.cfg
     dtype = torch.bfloat16 if cfg.use_gpu else torch.float32
     window = max(1, steps // 10)  # steps per progress line, and the losses final_train_loss averages
     losses, t0 = done.losses, time.perf_counter() - done.seconds
@@ -157,13 +170,15 @@ def train(ctx: Ctx, model, groups: list[dict], dataset, steps: int, stage: str,
         found = None
         if interim is not None:
             started = time.perf_counter()
-            found = interim(engine, step + 1, started - t0)
+            with ctx.phases("interim_evaluation"):
+                found = interim(engine, step + 1, started - t0)
             t0 += time.perf_counter() - started  # evaluation is not charged as training
         if saver is not None and saver.due(step + 1, steps):
             if ctx.log is not None:
                 ctx.log.flush()  # every step up to a checkpoint is in MLflow before a resume can start after it
-            size = saver.save(engine, checkpoint.Progress(step + 1, losses[-window:], time.perf_counter() - t0),
-                              found or {})
+            with ctx.phases("checkpoint"):
+                size = saver.save(engine, checkpoint.Progress(step + 1, losses[-window:], time.perf_counter() - t0),
+                                  found or {})
             ctx.say(f"{stage}: checkpoint at step {step + 1}/{steps} ({size:.2f} MB per rank)")
         elif found is not None and ctx.report is not None:
             ctx.report(found)
@@ -216,12 +231,12 @@ def stage1(ctx: Ctx) -> tuple[Path, dict]:
     cfg = ctx.cfg
     target = ctx.storage / "stage1" / stage1_key(ctx)
     waiting = lambda: ctx.say(f"stage 1: another trial is computing {target.name}; waiting to reuse it")  # noqa
-    with cache.locked(target, waiting) if ctx.rank == 0 else contextlib.nullcontext():
+    with ctx.phases("stage1_cache_read"), cache.locked(target, waiting) if ctx.rank == 0 else contextlib.nullcontext():
         flag = [target.exists()]
         if ctx.world > 1:
             dist.broadcast_object_list(flag, src=0)
         if not flag[0]:
-            with cache.building(target) if ctx.rank == 0 else contextlib.nullcontext() as tmp:
+            with ctx.phases("stage1_build"), cache.building(target) if ctx.rank == 0 else contextlib.nullcontext() as tmp:
                 steps = stage1_steps(ctx)
                 ctx.say(f"stage 1: aligning the projector ({steps} steps), cached as {target.name}")
                 model = build_llava(cfg, ctx.processor)
@@ -322,9 +337,11 @@ def stage2(ctx: Ctx, base: Path, saver=None, resume: Path | None = None, spent_s
     `spent_seconds` of earlier device time per worker); returns (engine, counts, seconds, loss, mix used)."""
     cfg = ctx.cfg
     method = METHODS[cfg.method]
-    model = method.load(base, cfg)
-    model, counts = apply_stage(model, method.stage2, cfg, method.wrap)
-    data, mix = mixed(ctx)
+    with ctx.phases("model_load"):
+        model = method.load(base, cfg)
+        model, counts = apply_stage(model, method.stage2, cfg, method.wrap)
+    with ctx.phases("data_load"):
+        data, mix = mixed(ctx)
     ctx.say(f"stage 2: {cfg.method} on {len(data):,} samples ({mix:.0%} language-only), "
             f"{sum(counts.values()):,} trainable params")
     engine, seconds, loss = train(ctx, model, param_groups(model, cfg), data, cfg.stage2_steps, "stage2",
@@ -353,9 +370,10 @@ def evaluate(ctx: Ctx, engine) -> dict[str, float]:
         held_out = ctx.dataset(split, limit=cfg.eval_samples)
         if held_out is None:
             continue
-        found = score_details(engine.module, held_out, ctx.collate(left=True), ctx.tokenizer, cfg.max_new_tokens,
-                              ctx.device, ctx.rank, ctx.world, synced=cfg.zero_stage == 3,
-                              batch_size=cfg.eval_batch_size, workers=cfg.loader_workers)
+        with ctx.phases("evaluation"):
+            found = score_details(engine.module, held_out, ctx.collate(left=True), ctx.tokenizer, cfg.max_new_tokens,
+                                  ctx.device, ctx.rank, ctx.world, synced=cfg.zero_stage == 3,
+                                  batch_size=cfg.eval_batch_size, workers=cfg.loader_workers)
         result.update({metric: found.score, f"{metric}_n": found.questions, f"{metric}_ci_low": found.interval.low,
                        f"{metric}_ci_high": found.interval.high})
         if metric == "score":
@@ -365,7 +383,8 @@ def evaluate(ctx: Ctx, engine) -> dict[str, float]:
 
 def save_artifact(ctx: Ctx, engine, out: Path) -> float:
     """Write the method's artifact (a collective under ZeRO-3); its size in MB, the same on every rank."""
-    METHODS[ctx.cfg.method].save(ctx, engine, out)
+    with ctx.phases("artifact_save"):
+        METHODS[ctx.cfg.method].save(ctx, engine, out)
     size = [dir_mb(out) if ctx.rank == 0 else 0.0]
     if ctx.world > 1:
         dist.broadcast_object_list(size, src=0)
@@ -380,16 +399,19 @@ def cost(cfg: TrialConfig, seconds: float, world: int) -> dict[str, float]:
 
 def run(cfg: TrialConfig, rank: int, world: int, device, data: DataPlan, storage: Path, log=None,
         name: str = "trial", saver=None, resume: Path | None = None, tags: dict | None = None,
-        report=None) -> dict:
+        report=None, phases: Phases | None = None) -> dict:
     """The whole trial on one rank; returns the final metrics (identical on every rank).
 
     `data` is the study's checked data, `storage` its storage (stage-1 cache); `saver`
     checkpoints stage 2; `resume` is the checkpoint a restarted worker goes on from
     (stage 1 then comes from its cache); `tags` go on the trial's run beside its own; `report(metrics)`
-    hands interim results to Ray Tune (every rank calls it)."""
+    hands interim results to Ray Tune (every rank calls it); `phases` has timed what came before (rank 0 logs
+    every phase's seconds last, trainables.timing)."""
     torch.manual_seed(cfg.seed)
-    ctx = setup(cfg, rank, world, device, data, storage, log, name)
-    ctx.report = report
+    phases = phases or Phases()
+    with phases("model_load"):
+        ctx = setup(cfg, rank, world, device, data, storage, log, name)
+    ctx.report, ctx.phases = report, phases
     base, s1 = stage1(ctx)
     s1_seconds = s1["seconds"] * s1["world"] / world  # charged to every trial that uses it
     engine, counts, seconds, loss, mix = stage2(ctx, base, saver, resume, s1_seconds)
@@ -415,11 +437,13 @@ def run(cfg: TrialConfig, rank: int, world: int, device, data: DataPlan, storage
         ctx.say(f"score {result['score']:.1f}, {result['gpu_hours']:.2e} GPU-hours per node, "
                 f"{result['artifact_mb']:.2f} MB saved")
         if log is not None:
-            model_card.write(artifact, cfg, result, METHODS[cfg.method].base_of(artifact) or str(base),
-                             **log.about())
-            log.artifacts(artifact, artifact.name)
-            log.finish(result, tags={"device": device_name(device), "peak_mem_source": source,
-                                     "stage1_checkpoint": str(base), "world_size": world, **(tags or {})})
+            with phases("mlflow_log"):
+                model_card.write(artifact, cfg, result, METHODS[cfg.method].base_of(artifact) or str(base),
+                                 **log.about())
+                log.artifacts(artifact, artifact.name)
+                log.finish(result, tags={"device": device_name(device), "peak_mem_source": source,
+                                         "stage1_checkpoint": str(base), "world_size": world, **(tags or {})})
+            log.finish(phases.metrics(), tags={})
     return result
 
 
@@ -441,6 +465,7 @@ def node_ids(world: int) -> list[str]:
 
 def train_loop(loop_config: dict) -> None:
     """Ray Train entry point (`train_loop_per_worker`)."""
+    entered, phases = time.time(), Phases()
     import ray.train
     import ray.train.torch
 
@@ -457,12 +482,16 @@ def train_loop(loop_config: dict) -> None:
     # A restarted worker group attaches to the same run again (found by trial id) and goes on logging there.
     log = TrialLog.attach(loop_config["tracking_uri"], loop_config["experiment_id"], loop_config["trial_id"]) \
         if rank == 0 else None
+    phases.add("imports", time.time() - entered)
+    if log is not None:
+        phases.add("startup", entered - log.started())
     saver = checkpoint.Saver(cfg.checkpoint_every, cfg, rank, world)
     try:
         with checkpoint.no_repeats(Path(loop_config["run_dir"])), checkpoint.latest() as resume:
             result = run(cfg, rank, world, ray.train.torch.get_device(), loop_config["data"],
                          Path(loop_config["storage"]), log, name=loop_config["trial_id"], saver=saver,
-                         resume=resume, tags={"nodes": ",".join(node_ids(world))}, report=ray.train.report)
+                         resume=resume, tags={"nodes": ",".join(node_ids(world))}, report=ray.train.report,
+                         phases=phases)
     except StoppedEarly as stopped:
         if rank == 0:
             print(f"[{loop_config['trial_id']}] {stopped}", flush=True)
