@@ -27,6 +27,9 @@ from pathlib import Path
 SHAPES = {
     "7b": dict(llm=(4096, 32, 11008, 32), vision=(1024, 24, 4096, 16, 14, 336), vocab=32000),
     "60m": dict(llm=(512, 8, 1376, 8), vision=(256, 4, 1024, 4, 14, 112), vocab=32000),  # CPU-sized check
+    # a 1B-class Llama (Llama-3.2-1B's width, depth and MLP, Llama-2's vocabulary) with the CLIP-L/14-336 tower
+    "1b": dict(llm=(2048, 16, 8192, 32), vision=(1024, 24, 4096, 16, 14, 336), vocab=32000),
+    "tiny": dict(llm=(64, 2, 172, 4), vision=(32, 2, 128, 2, 14, 336), vocab=32000),  # bench.gpu --dry
 }
 
 
@@ -56,10 +59,25 @@ def shaped_base(shape: str, processor, out: Path, dtype) -> Path:
     return out
 
 
-def measure(method: str, model_size: str, shape: str | None, steps: int, batch_size: int, gpu: bool) -> dict:
-    """One method in this process: build, tune `steps` steps, report."""
+def one_rank(gpu: bool):
+    """This process as rank 0 of a one-rank group (NCCL on GPU, gloo on CPU), as a trial's worker is; its device."""
     import torch
     import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    dist.init_process_group("nccl" if gpu else "gloo", rank=0, world_size=1)
+    return torch.device("cuda", 0) if gpu else torch.device("cpu")
+
+
+def stage2_model(method: str, model_size: str, shape: str | None, steps: int, batch_size: int, gpu: bool, tmp: Path,
+                 loader_workers: int = 0, **settings):
+    """A trial's stage-2 model as the worker builds it, on the world's data: from the zoo's stage 1, or of
+    `shape` (random weights) at its tower's resolution. Returns (ctx, model, counts); peak memory counts from
+    before the model is loaded."""
+    import torch
 
     import zoo
     from trainables import worker
@@ -68,31 +86,36 @@ def measure(method: str, model_size: str, shape: str | None, steps: int, batch_s
     from trainables.model import num_image_tokens
     from trainables.prepare import prepare
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    dist.init_process_group("nccl" if gpu else "gloo", rank=0, world_size=1)
-    device = torch.device("cuda", 0) if gpu else torch.device("cpu")
+    device = one_rank(gpu)
+    cfg = TrialConfig(method=method, model_size=model_size, stage1_steps=0, batch_size=batch_size, stage2_steps=steps,
+                      use_gpu=gpu, eval_samples=1, max_length=1024 if shape else TrialConfig.max_length,
+                      loader_workers=loader_workers, checkpoint_every=0, **settings)
+    _, data = prepare(zoo.world_dir(), [cfg], tmp, progress=False)
+    ctx = worker.setup(cfg, 0, 1, device, data, tmp)
+    m = METHODS[method]
+    if shape:
+        base = shaped_base(shape, ctx.processor, tmp / "base", torch.bfloat16 if gpu else torch.float32)
+        ctx.image_tokens = num_image_tokens(ctx.processor)  # the shaped tower's: 576 at 336 px, patch 14
+    else:
+        base, _ = worker.stage1(ctx)
+    if gpu:
+        torch.cuda.reset_peak_memory_stats(device)
+    model, counts = apply_stage(m.load(base, cfg), m.stage2, cfg, m.wrap)
+    if gpu and not m.quantize_base:
+        model = model.to(device)
+    return ctx, model, counts
+
+
+def measure(method: str, model_size: str, shape: str | None, steps: int, batch_size: int, gpu: bool) -> dict:
+    """One method in this process: build, tune `steps` steps, report."""
+    from trainables import worker
+
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = TrialConfig(method=method, model_size=model_size, stage1_steps=0, batch_size=batch_size,
-                          use_gpu=gpu, eval_samples=1, max_length=1024 if shape else TrialConfig.max_length,
-                          loader_workers=0)
-        _, data = prepare(zoo.world_dir(), [cfg], Path(tmp), progress=False)
-        ctx = worker.setup(cfg, 0, 1, device, data, Path(tmp))
-        m = METHODS[method]
-        if shape:
-            base = shaped_base(shape, ctx.processor, Path(tmp) / "base", torch.bfloat16 if gpu else torch.float32)
-            ctx.image_tokens = num_image_tokens(ctx.processor)  # the shaped tower's: 576 at 336 px, patch 14
-        else:
-            base, _ = worker.stage1(ctx)
-        if gpu:
-            torch.cuda.reset_peak_memory_stats(device)
-        model, counts = apply_stage(m.load(base, cfg), m.stage2, cfg, m.wrap)
-        if gpu and not m.quantize_base:
-            model = model.to(device)
-        _, seconds, _ = worker.train(ctx, model, worker.param_groups(model, cfg), ctx.dataset("train"), steps, "bench")
-        peak, source = worker.peak_memory_gb(device)
+        ctx, model, counts = stage2_model(method, model_size, shape, steps, batch_size, gpu, Path(tmp))
+        _, seconds, _ = worker.train(ctx, model, worker.param_groups(model, ctx.cfg), ctx.dataset("train"), steps,
+                                     "bench")
+        peak, source = worker.peak_memory_gb(ctx.device)
+        device = ctx.device
     return dict(method=method, model=shape or model_size, device=worker.device_name(device), peak_gb=round(peak, 3),
                 peak_source=source, trainable_params=sum(counts.values()), seconds_per_step=round(seconds / steps, 4),
                 steps=steps, batch_size=batch_size)
