@@ -45,14 +45,26 @@ def axis_label(column: str) -> str:
     return LABELS.get(column, column)
 
 
-def trial_label(row) -> str:
-    """Method, model size and what tells the method's trials apart (the registry says): "lora 1m r16"."""
+# Settings a label names when they vary among the points drawn (the scaling paper's resolution and mixing axes).
+VARYING_LABELS = {"image_size": "{:.0f}px", "mix_ratio": "mix{:g}"}
+
+
+def trial_label(row, varying: tuple[str, ...] = ()) -> str:
+    """Method, model size and what tells the method's trials apart (the registry says), then the `varying`
+    settings of VARYING_LABELS: "lora 1m r16", or "lora 1m r16 48px mix0.2" where resolution and mixing vary."""
     from trainables.methods import METHODS
 
     method = row.get("method", "?")
     label = METHODS[method].label(row) if method in METHODS else str(method)
     parts = label.split(" ", 1)
-    return " ".join([parts[0], str(row.get("model_size", "?"))] + parts[1:])
+    extra = [VARYING_LABELS[k].format(row.get(k)) for k in varying
+             if k in VARYING_LABELS and row.get(k) is not None and row.get(k) == row.get(k)]
+    return " ".join([parts[0], str(row.get("model_size", "?"))] + parts[1:] + extra)
+
+
+def varying(df: pd.DataFrame) -> tuple[str, ...]:
+    """The VARYING_LABELS settings that take more than one value in `df`."""
+    return tuple(k for k in VARYING_LABELS if k in df and df[k].dropna().nunique() > 1)
 
 
 def _figure(width: float = 7.5, height: float = 4.8):
@@ -231,7 +243,7 @@ def frontier_plot(front: Frontier, x: str | None = None, y: str | None = None, t
         + (f" ({left_out} unfinished or incomplete left out)" if left_out else "")
     ax.set_title(_wrapped(heading), fontsize=10)
     unlabelled = _place_labels(fig, ax, on[x].to_numpy(), on[y].to_numpy(),
-                               [trial_label(r) for _, r in on.iterrows()])
+                               [trial_label(r, varying(df)) for _, r in on.iterrows()])
     if unlabelled:
         ax.set_title(_wrapped(heading + f"; {unlabelled} frontier label{'s' * (unlabelled != 1)} left out for "
                               "room"), fontsize=10)

@@ -79,6 +79,19 @@ def test_a_fifth_method_added_in_one_module(toy_method, world_data, process_grou
     assert trial_label({"method": "lora_attn", "model_size": "0.3m", "lora_rank": 4}) == "lora_attn 0.3m r4"
 
 
+def test_a_label_names_the_resolution_and_mixing_where_they_vary():
+    import pandas as pd
+
+    from analysis.plots import varying
+
+    df = pd.DataFrame({"method": ["lora", "lora"], "model_size": ["1m", "1m"], "lora_rank": [16, 16],
+                       "image_size": [32, 48], "mix_ratio": [0.2, 0.2]})
+    assert varying(df) == ("image_size",)
+    assert [trial_label(r, varying(df)) for _, r in df.iterrows()] == ["lora 1m r16 32px", "lora 1m r16 48px"]
+    df["mix_ratio"] = [0.0, 0.2]
+    assert trial_label(df.iloc[1], varying(df)) == "lora 1m r16 48px mix0.2"
+
+
 def test_an_unknown_method_is_refused_with_the_registry_named():
     with pytest.raises(ConfigError) as e:
         TrialConfig(method="nope")
