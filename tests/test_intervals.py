@@ -75,6 +75,20 @@ def test_a_difference_is_welchs():
         difference([1.0], [2.0, 3.0])
 
 
+def test_one_tied_side_is_the_other_sides_t_interval_without_a_warning():
+    import warnings
+
+    from scipy.stats import t
+
+    tied = [160 / 3] * 2 + [53.33333333333333]  # three seeds' equal means, as floats come out of a division
+    b = [40.0, 44.0, 47.0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # scipy's "precision loss" warning on the tied side would fail here
+        got = difference(tied, b)
+    half = t.ppf(0.975, 2) * math.sqrt(sum((x - 131 / 3) ** 2 for x in b) / 2 / 3)
+    assert (got.low, got.high) == (pytest.approx(160 / 3 - 131 / 3 - half), pytest.approx(160 / 3 - 131 / 3 + half))
+
+
 def test_a_difference_without_spread_gets_newcombes_interval_over_the_questions():
     # Newcombe (1998), Table II, method 10: 56/70 against 48/80 -> 0.2 [0.0524, 0.3339]
     got = difference([80.0, 80.0], [60.0, 60.0], questions=(70, 80))

@@ -23,6 +23,7 @@ A score over zero questions is not a number: `wilson` raises ValueError for n = 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -108,5 +109,9 @@ def difference(a: Sequence[float], b: Sequence[float], questions: tuple[float, f
         d = pa - pb
         return Interval(d, d - math.hypot(pa - wa.low, wb.high - pb), d + math.hypot(wa.high - pa, pb - wb.low),
                         min(len(a), len(b)))
-    ci = stats.ttest_ind(a, b, equal_var=False).confidence_interval(confidence)
+    with warnings.catch_warnings():
+        # one side's seeds tied (every value equal): scipy warns of "precision loss" in its variance, which is
+        # exactly zero, and Welch's interval is then the other side's t interval, as it should be
+        warnings.filterwarnings("ignore", "Precision loss occurred", RuntimeWarning)
+        ci = stats.ttest_ind(a, b, equal_var=False).confidence_interval(confidence)
     return Interval(diff, float(ci.low), float(ci.high), min(len(a), len(b)))
