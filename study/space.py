@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainables.config import ConfigError, TrialConfig, trial_config
+from trainables.config import MAX_SEED, ConfigError, TrialConfig, trial_config
 
 STUDY_NAMES = {"NAME", "FIXED", "SPACE", "SMOKE", "NUM_SAMPLES", "MAX_CONCURRENT", "METRIC", "MODE", "SEED",
                "SEEDS", "SAMPLER", "OBJECTIVES", "SCHEDULER", "BUDGET_GPU_HOURS", "BUDGET_DOLLARS", "SEED_POINTS", "DEVICE",
@@ -397,6 +397,12 @@ def _validate_search(space: Space) -> None:
     if space.seeds > 1 and "seed" in space.space:
         raise SpaceError(f"{path}: SEEDS={space.seeds} and SPACE['seed'] both vary the seed: keep one (SEEDS runs "
                          "every configuration at each seed and the search learns from their mean)")
+    for smoke in (False, True):  # a configuration's seeds are seed, seed + 1, ..., seed + SEEDS - 1
+        first = space.constants(smoke).get("seed", 0)
+        last = first + space.seeds - 1 if isinstance(first, int) and not isinstance(first, bool) else None
+        if last is not None and space.seeds > 1 and last > MAX_SEED:
+            raise SpaceError(f"{path}: SEEDS={space.seeds} from seed={first} reaches seed={last}, past the largest "
+                             f"seed {MAX_SEED} (2**32 - 1)")
     if space.sampler == "nsga2" and len(space.goals()) < 2:
         raise SpaceError(f"{path}: SAMPLER='nsga2' is for several OBJECTIVES; with one metric use 'tpe'")
     if space.scheduler is not None:

@@ -88,6 +88,10 @@ def test_alpha_as_multiple_of_rank(tmp_path):
      r"SPACE: batch_size=9 is out of range.*\(the sampler can produce batch_size=9, num_workers=2\)"),
     ("import sys\nsys.exit(3)", r"calls sys.exit\(3\) while loading"),
     ("SPACE = {}\nFIXED = {'seed': -5}\nSEEDS = 3", "seed=-5 is out of range"),
+    ("SPACE = {}\nFIXED = {'seed': 2**32}", r"seed=4294967296 is out of range \(seed of data order, LoRA init and "
+                                             r"dropout \(0 to 2\*\*32 - 1\)\)"),
+    ("SPACE = {}\nFIXED = {'seed': 2**32 - 2}\nSEEDS = 3",
+     r"SEEDS=3 from seed=4294967294 reaches seed=4294967296, past the largest seed 4294967295 \(2\*\*32 - 1\)"),
     ("SPACE = {}\nSEEDS = 0", "SEEDS=0 should be a whole number of seeds per configuration, 1 to 100"),
     ("SPACE = {}\nSEEDS = 2.5", "SEEDS=2.5 should be a whole number"),
     ("SPACE = {}\nSEEDS = True", "SEEDS=True should be a whole number"),

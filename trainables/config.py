@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 PAPER_PRICE_PER_NODE_HOUR = 13.63  # the scaling paper's cost convention ($ per 8-GPU node-hour)
+MAX_SEED = 2**32 - 1  # the largest seed every library a trial seeds takes
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray's, for a trial's workers
 
 
@@ -69,7 +70,7 @@ class TrialConfig:
                               "trials by; 0 = none)", default=0)
     interim_samples: int = _doc("held-out samples of each interim evaluation (the first ones of the eval split)",
                                 default=32)
-    seed: int = _doc("seed of data order, LoRA init and dropout (>= 0)", default=0)
+    seed: int = _doc("seed of data order, LoRA init and dropout (0 to 2**32 - 1)", default=0)
     # --- where and how it runs ---
     num_workers: int = _doc("Ray Train workers (data-parallel ranks) per trial", default=1)
     use_gpu: bool = _doc("one GPU per worker (bf16) instead of the CPU (fp32)", default=False)
@@ -132,7 +133,9 @@ class TrialConfig:
             "zero_stage": self.zero_stage in (2, 3),
             "checkpoint_every": self.checkpoint_every >= 0,
             "max_worker_failures": self.max_worker_failures >= 0,
-            "seed": self.seed >= 0,  # numpy's generators (the batch order) take no negative seed
+            # numpy's generators (the batch order) take no negative seed; torch none of 2**64 or more, and
+            # numpy's legacy seeding and most tools (transformers' set_seed, lmms-eval) none of 2**32 or more
+            "seed": 0 <= self.seed <= MAX_SEED,
             "devices_per_node": self.devices_per_node > 0,
             "price_per_node_hour": self.price_per_node_hour >= 0,
         }
