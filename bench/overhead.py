@@ -1,7 +1,7 @@
 """What a trial costs beyond its training (BENCHMARKS.md, "Trial overhead").
 
     python -m bench.overhead [--steps 250] [--repeats 3] [--methods lora full] [--parallel 1] [--trials 4]
-                             [--workers 1 2] [--before REV] [--skip a|b]
+                             [--workers 1 2] [--before REV] [--skip a b c]
 
 (a) Stage-2 samples/s of a trial's worker loop (trainables.worker.train: DeepSpeed ZeRO-2, the streaming
     data path with its loader process, per-step loss logging as in a trial) against a bare loop on the same
@@ -15,6 +15,8 @@
     worker's loop runs (Tune's trial actor, the TorchTrainer, the worker group, the worker's imports) and
     from the worker's last log until the run ends (teardown). Small studies of `--trials` trials, one at a
     time, on 1 and on 2 workers. Goal: everything but training and evaluation <= 10 s per trial.
+(c) What a fresh Python process pays to import what a trial's worker imports, library by library and all
+    together (the floor under (b): Ray starts new processes for every trial's controller and workers).
 """
 
 from __future__ import annotations
@@ -217,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parallel", type=int, default=1, help="(a): runs of a kind at once, as concurrent trials run")
     p.add_argument("--trials", type=int, default=4, help="trials per study in (b)")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="workers per trial in (b)")
-    p.add_argument("--skip", choices=["a", "b"], help="leave out a part")
+    p.add_argument("--skip", choices=["a", "b", "c"], nargs="+", default=[], help="leave out parts")
     p.add_argument("--before", metavar="REV", help="(b) also for this git revision (a worktree of it), study by study "
                                                    "alternating with this checkout")
     p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "mmscale-overhead"))
@@ -233,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     zoo.ensure_zoo(), zoo.ensure_world()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    if args.skip != "a":
+    if "a" not in args.skip:
         rows = loop_ratio(args.methods, args.steps, args.repeats, str(work / "storage-a"), args.threads, args.parallel)
         print(f"\n| stage 2, zoo {MODEL}, batch {BATCH}, {args.threads} thread(s), {args.steps} steps, "
               f"{args.parallel} run(s) at once | "
@@ -243,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {r['method']} | {', '.join(f'{x:.1f}' for x in r['trial'])} | "
                   f"{', '.join(f'{x:.1f}' for x in r['bare'])} | {', '.join(f'{x:.3f}' for x in r['ratios'])} | "
                   f"{statistics.mean(r['ratios']):.3f} |")
-    if args.skip != "b":
+    if "b" not in args.skip:
         trees = {"": REPO}
         if args.before:
             trees[f" at {args.before}"] = worktree(work, args.before)
@@ -259,7 +261,27 @@ def main(argv: list[str] | None = None) -> int:
                     name = str(i + 1) if i < len(rows) else "median"
                     print(f"| {name} | " + " | ".join(f"{r[p]:.1f}" for p in PARTS) +
                           f" | {r['work']:.1f} | {r['overhead']:.1f} | {r['total']:.1f} |")
+    if "c" not in args.skip:
+        print("\n| imported in a fresh process | seconds (median of 3) |\n|---|---|")
+        for modules in IMPORTS:
+            print(f"| {', '.join(modules)} | {import_seconds(modules):.2f} |", flush=True)
     return 0
+
+
+# What a trial's worker imports (its own modules pull torch and transformers in).
+IMPORTS = [("torch",), ("ray.train.torch",), ("mlflow",), ("transformers.models.llava",), ("peft",), ("deepspeed",),
+           ("torch", "ray.train.torch", "mlflow", "transformers.models.llava", "peft", "deepspeed", "trainables.worker")]
+
+
+def import_seconds(modules: tuple[str, ...], repeats: int = 3) -> float:
+    """Median wall seconds of `python -c "import ..."` (the interpreter's own start included)."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import " + ", ".join(modules)], check=True, capture_output=True,
+                       cwd=REPO)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def worktree(work: Path, rev: str) -> Path:
