@@ -38,3 +38,18 @@ def batch(dataset, rows, collate: Collate) -> dict:
 def first_batch(ctx, n: int = 8, split: str = "train") -> dict:
     """The first `n` samples of a trial's split, batched as its training loop would."""
     return batch(ctx.dataset(split), range(n), ctx.collate())
+
+
+def assert_world_scores(scores: dict) -> None:
+    """A trial's evaluation on the world: `score` and `text_score`, and `score` per question type (the world's
+    records name their type), each with its count and interval; the types' counts and hits add up to the score's."""
+    import pytest
+
+    from zoo import world
+
+    kinds = world.ANSWER_SPACE  # every type is among the held-out questions
+    assert set(scores) == {f"{score}{part}" for score in ["score", *(f"score/{k}" for k in kinds), "text_score"]
+                           for part in ("", "_n", "_ci_low", "_ci_high")} | {"multiple_choice", "unparsed"}
+    assert sum(scores[f"score/{k}_n"] for k in kinds) == scores["score_n"]
+    assert sum(scores[f"score/{k}"] * scores[f"score/{k}_n"] for k in kinds) == \
+        pytest.approx(scores["score"] * scores["score_n"])

@@ -71,6 +71,11 @@ def turns(*pairs):
     (lambda r: r["conversations"][0].update(value="<image>\n<image>\nWhat color?"), "<image> appears 2 times"),
     (lambda r: r.update(image=["r0.png", "r1.png"]), "image should be one file name"),
     (lambda r: r.update(image="nowhere.png"), "image 'nowhere.png' does not exist"),
+    (lambda r: r.update(category=3), "category should name the question's type in 1 to 64 printable characters, "
+                                     "got a JSON number"),
+    (lambda r: r.update(category=" "), "category should name the question's type"),
+    (lambda r: r.update(category="x" * 65), "category should name the question's type"),
+    (lambda r: r.update(category="color\nshape"), r"got 'color\nshape'"),
 ])
 def test_each_kind_of_bad_record_is_named(dataset_dir, tmp_path, change, message):
     rewrite(dataset_dir, "train.json", lambda recs: change(recs[1]))

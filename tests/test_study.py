@@ -66,6 +66,10 @@ def test_smoke_lora_study(tmp_path):
                 "mlflow_log"} <= set(spent), spent
         assert 0 < sum(spent.values()) <= (run.info.end_time - run.info.start_time) / 1000
         assert m["time_overhead_s"] == pytest.approx(sum(v for p, v in spent.items() if p not in WORK))
+        # the score per question type (the world's records name theirs), its counts adding up to the score's
+        kinds = ("color", "count", "shape", "where")
+        assert {f"score/{k}{part}" for k in kinds for part in ("", "_n", "_ci_low", "_ci_high")} <= set(m)
+        assert sum(m[f"score/{k}_n"] for k in kinds) == m["score_n"]
     # the study's run carries the frontier plot and table
     frontier = {Path(f.path).name for f in client.list_artifacts(parents[0].info.run_id, "frontier")}
     assert {"frontier.png", "frontier.csv", "table.md"} <= frontier
@@ -221,7 +225,7 @@ def test_a_tuned_model_beats_chance_on_the_world(world_data, process_group, tmp_
     cfg = TrialConfig(model_size="1m", lora_rank=16, lora_alpha=32, lr=3e-3, stage1_steps=40, stage2_steps=120,
                       batch_size=16, eval_samples=300)
     held_out = json.loads((zoo.world_dir() / "eval.json").read_text())
-    chance = 100 * sum(1 / ANSWER_SPACE[r["kind"]] for r in held_out) / len(held_out)
+    chance = 100 * sum(1 / ANSWER_SPACE[r["category"]] for r in held_out) / len(held_out)
     assert 23 < chance < 27  # the README's "about 25%"
     result = worker.run(cfg, 0, 1, torch.device("cpu"), world_data, tmp_path)
     assert result["score"] >= chance + 12, f"score {result['score']:.1f}, chance {chance:.1f}"

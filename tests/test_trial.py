@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import LlavaForConditionalGeneration
 
+from support import assert_world_scores
 from tracking.intervals import wilson
 from trainables import worker
 from trainables.config import TrialConfig
@@ -64,8 +65,7 @@ def test_stage2_lora_leaves_base_weights_untouched(trial):
     assert {"stage1_build", "stage1_training", "model_load", "data_load", "ds_init", "stage2_training",
             "evaluation"} <= set(spent), spent
     assert spent["stage2_training"] >= seconds > 0, "the phase holds the loop that the trial's cost is charged for"
-    assert set(scores) == {f"{score}{part}" for score in ("score", "text_score") for part in
-                           ("", "_n", "_ci_low", "_ci_high")} | {"multiple_choice", "unparsed"}
+    assert_world_scores(scores)
     assert scores["score_n"] == cfg.eval_samples and scores["text_score_n"] > 0, "each score counts its questions"
     hits = round(scores["score"] * scores["score_n"] / 100)
     assert (scores["score_ci_low"], scores["score_ci_high"]) == \

@@ -37,5 +37,5 @@ def test_questions_need_the_image(tmp_path):
     hits = sum(answers[r["conversations"][0]["value"]].most_common(1)[0][0] == r["conversations"][1]["value"]
                for r in held_out if answers[r["conversations"][0]["value"]])
     accuracy = 100 * hits / len(held_out)
-    chance = 100 * sum(1 / world.ANSWER_SPACE[r["kind"]] for r in held_out) / len(held_out)
+    chance = 100 * sum(1 / world.ANSWER_SPACE[r["category"]] for r in held_out) / len(held_out)
     assert accuracy <= chance + 3, (accuracy, chance)

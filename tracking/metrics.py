@@ -12,6 +12,7 @@ The cost convention is the scaling paper's (Lu et al. 2023, Table 4): GPU-hours 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 MAX, MIN, NEITHER = "max", "min", ""
@@ -138,6 +139,28 @@ _SPECS.append(MetricSpec("time_overhead_s", "s", MIN, "trial", "wall seconds of 
 METRICS: dict[str, MetricSpec] = {m.name: m for m in _SPECS}
 
 
+CATEGORY_SCORES = ("score", "text_score")  # logged per question type too, as `<score>/<category>`
+SUFFIXES = ("_n", "_ci_low", "_ci_high")
+
+
+def category_metric(score: str, category: str) -> str:
+    """The metric of `score` over one question type: `score/<category>`, the category's characters that MLflow
+    does not take in a name replaced by "_"."""
+    return f"{score}/" + re.sub(r"[^\w\-. ]", "_", category)
+
+
+def _per_category(name: str) -> MetricSpec | None:
+    """The spec of a per-category metric (`score/color`, `score/color_n`, ...), from its score's."""
+    score, _, rest = name.partition("/")
+    if score not in CATEGORY_SCORES or not rest:
+        return None
+    suffix = next((s for s in SUFFIXES if rest.endswith(s)), "")
+    category = rest[:len(rest) - len(suffix)]
+    base = METRICS[score + suffix]
+    return MetricSpec(name, base.unit, base.direction, base.stage, f"{base.description}; questions of type "
+                      f"{category!r} only", f"{base.label}, {category}", base.fmt)
+
+
 class UnknownMetric(KeyError):
     """A metric name that is not in METRICS; the message names it and the known ones."""
 
@@ -146,6 +169,8 @@ class UnknownMetric(KeyError):
 
 
 def spec(name: str) -> MetricSpec:
+    if name not in METRICS and _per_category(name) is not None:
+        return _per_category(name)
     if name not in METRICS:
         raise UnknownMetric(f"unknown metric {name!r} (known: {', '.join(sorted(METRICS))})")
     return METRICS[name]
@@ -164,6 +189,10 @@ def markdown() -> str:
         better = {MAX: "higher", MIN: "lower", NEITHER: "-"}[m.direction]
         name = f"`{m.name}`" + (" (per step)" if m.per_step else "")
         lines.append(f"| {name} | {m.unit} | {better} | {m.stage} | {m.description} |")
+        if m.name == "text_score_ci_high":  # the per-category scores, after the scores they break down
+            lines.append("| `score/<category>`, with `_n`, `_ci_low`, `_ci_high` (`text_score/<category>` alike) | "
+                         "0-100 | higher | eval | the score over the held-out questions of one type, where the "
+                         "records name two types or more in `category` (the world's: color, shape, count, where) |")
     return "\n".join(lines) + "\n"
 
 

@@ -25,6 +25,14 @@ class Scores:
     hits: int             # questions answered right
     multiple_choice: int  # questions scored by their option letter
     unparsed: int         # multiple-choice answers naming no option (counted wrong)
+    categories: tuple[tuple[str, int, int], ...] = ()  # (question type, hits, questions) where records name one
+
+    def by_category(self) -> dict[str, "Scores"]:
+        """{question type: its Scores} (hits and questions only), when the questions name two types or more;
+        questions that name none are "uncategorized"."""
+        if len(self.categories) < 2:
+            return {}
+        return {name or "uncategorized": Scores(n, hits, 0, 0) for name, hits, n in self.categories}
 
     @property
     def score(self) -> float:
@@ -66,14 +74,22 @@ def score_details(model, dataset, collate: Collate, tokenizer, max_new_tokens: i
     idx = eval_indices(len(dataset), rank, world, synced)
     answers = generate_answers(model, eval_loader(dataset, idx, batch_size, collate, workers), tokenizer,
                                max_new_tokens, device, synced)
-    totals = torch.zeros(4, dtype=torch.float64)  # hits, questions, multiple choice, unparsed
+    # every rank reads every question's type from the shard, so all count them in the same order
+    kinds = [dataset.shard.category(dataset.row(i)) for i in range(len(dataset))]
+    names = sorted(set(kinds))
+    # hits, questions, multiple choice, unparsed; then hits and questions per type
+    totals = torch.zeros(4 + 2 * len(names), dtype=torch.float64)
     for i in sorted(set(idx)):
         r = dataset.row(i)
         correct, how = judge(answers[i], dataset.shard.answer(r), dataset.shard.question(r))
-        totals += torch.tensor([correct, 1, how != "exact", how == "unparsed"], dtype=torch.float64)
+        totals[:4] += torch.tensor([correct, 1, how != "exact", how == "unparsed"], dtype=torch.float64)
+        k = 4 + 2 * names.index(kinds[i])
+        totals[k:k + 2] += torch.tensor([correct, 1], dtype=torch.float64)
     if world > 1:
         dist.all_reduce(totals)
-    hits, n, mc, unparsed = totals.tolist()
+    counts = [int(v) for v in totals.tolist()]
+    hits, n, mc, unparsed = counts[:4]
     if n == 0:
         raise ValueError("no questions to score: a score over zero questions is not a number")
-    return Scores(int(n), int(hits), int(mc), int(unparsed))
+    per_type = tuple((name, counts[4 + 2 * j], counts[5 + 2 * j]) for j, name in enumerate(names))
+    return Scores(n, hits, mc, unparsed, per_type)

@@ -19,7 +19,6 @@ seed and ZOO_VERSION.
 
 from __future__ import annotations
 
-import os
 import random
 import sys
 from pathlib import Path
@@ -60,7 +59,7 @@ def zoo_dir() -> Path:
 
 
 def world_dir() -> Path:
-    return cache.cache_dir() / f"world-v{ZOO_VERSION}-seed{SEED}"
+    return cache.cache_dir() / f"world-v{ZOO_VERSION}.{world.FORMAT}-seed{SEED}"
 
 
 def llm_path(size: str) -> Path:

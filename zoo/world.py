@@ -11,8 +11,9 @@ and downscaled by the vision tower's processor, so a finer tower sees more.
 
 The world is written in the same dataset format a researcher brings (DESIGN.md,
 "Data"): train.json / eval.json in LLaVA format with images/, captions.json for
-stage 1 and text.json (ShareGPT, language-only) for data mixing. Everything is a
-pure function of the seed.
+stage 1 and text.json (ShareGPT, language-only) for data mixing. Each question record
+names its type as `category` (color, shape, count, where; captions: caption), so a
+trial's score is also logged per question type. Everything is a pure function of the seed.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ OPPOSITES = {"left": "right", "right": "left", "top": "bottom", "bottom": "top",
 ANSWER_SPACE = {"color": len(COLORS), "shape": len(SHAPES), "count": 3, "where": len(CELLS)}
 
 RENDER_PX = 64
+FORMAT = 2  # of the written dataset (its cache directory's name); 2: records name their type as "category"
 
 
 @dataclass(frozen=True)
@@ -152,7 +154,7 @@ def write(out: Path, seed: int = 0, n_train: int = 4000, n_eval: int = 400,
                 conv = conversation(q, a, image=True)
             else:
                 kind, conv = "caption", conversation("Describe the image briefly.", caption(scene), True)
-            records.append({"id": f"{prefix}-{i:06d}", "image": name, "kind": kind,
+            records.append({"id": f"{prefix}-{i:06d}", "image": name, "category": kind,
                             "conversations": conv})
         return records
 

@@ -23,6 +23,10 @@ from zoo import IMAGE_TOKEN
 FILES = {"train.json": True, "eval.json": True, "captions.json": True, "text.json": False, "text_eval.json": False}
 REQUIRED = "train.json"
 ROLES = {"human": "user", "gpt": "assistant"}
+# A record's question type (optional): its held-out score is also logged per category (`score/<category>`),
+# as LLaVA-Bench's questions and lmms-eval's tasks name theirs.
+CATEGORY = "category"
+MAX_CATEGORY_CHARS = 64
 
 
 @dataclass(frozen=True)
@@ -147,7 +151,22 @@ def check_record(rec, may_have_images: bool = True) -> tuple[str | None, list[st
     turn_problem = _check_turns(conv)
     if turn_problem:
         return rid, problems + [turn_problem]
-    return rid, problems + _check_image_field(rec, conv, may_have_images)
+    return rid, problems + _check_category(rec) + _check_image_field(rec, conv, may_have_images)
+
+
+def _check_category(rec: dict) -> list[str]:
+    if CATEGORY not in rec:
+        return []
+    value = rec[CATEGORY]
+    if not isinstance(value, str) or not value.strip() or len(value) > MAX_CATEGORY_CHARS or not value.isprintable():
+        return [f"{CATEGORY} should name the question's type in 1 to {MAX_CATEGORY_CHARS} printable characters, "
+                f"got {quoted(value) if isinstance(value, str) else 'a JSON ' + _kind(value)}"]
+    return []
+
+
+def category_of(rec: dict) -> str:
+    """The record's question type ("" when it names none)."""
+    return rec.get(CATEGORY, "").strip()
 
 
 def _check_turns(conv: list) -> str | None:

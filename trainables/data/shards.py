@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-FORMAT = 3  # bump when the layout below changes
+FORMAT = 4  # bump when the layout below changes (4: the question's category)
 FILE, META = "samples.arrow", "meta.json"
 BATCH = 4096  # rows per Arrow record batch
 
@@ -43,7 +43,7 @@ def _schema():
     return pa.schema([("index", pa.int64()), ("id", pa.string()), ("image", pa.string()),
                       ("input_ids", pa.large_list(pa.int32())), ("labels", pa.large_list(pa.int32())),
                       ("image_at", pa.int32()), ("first_label", pa.int32()), ("answer", pa.string()),
-                      ("question", pa.string())])
+                      ("question", pa.string()), ("category", pa.string())])
 
 
 def write(target: Path, rows) -> int:
@@ -63,7 +63,7 @@ def write(target: Path, rows) -> int:
         for index, rid, image, t in rows:
             for name, value in (("index", index), ("id", rid), ("image", image), ("input_ids", t.input_ids),
                                 ("labels", t.labels), ("image_at", t.image_at), ("first_label", t.first_label),
-                                ("answer", t.answer), ("question", t.question)):
+                                ("answer", t.answer), ("question", t.question), ("category", t.category)):
                 columns[name].append(value)
             n += 1
             if len(columns["index"]) >= BATCH:
@@ -131,6 +131,9 @@ class Shard:
 
     def question(self, i: int) -> str:
         return self._scalar("question", i)
+
+    def category(self, i: int) -> str:
+        return self._scalar("category", i)
 
     def column(self, name: str) -> np.ndarray:
         """A whole scalar column (lengths, indices) as numpy, for the check; not used by trials."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from trainables.data.records import messages
+from trainables.data.records import category_of, messages
 from zoo import IMAGE_TOKEN
 
 IGNORE = -100  # label of a token that carries no loss (transformers' convention)
@@ -32,6 +32,7 @@ class Tokens:
     image_at: int          # position of the image token, -1 without an image
     answer: str            # the last assistant turn: the reference answer of an eval record
     question: str          # the last human turn: where a multiple-choice question lists its options
+    category: str = ""     # the record's question type (records.CATEGORY), "" when it names none
 
     @property
     def first_label(self) -> int:
@@ -63,7 +64,7 @@ def tokenize(rec: dict, tokenizer, for_generation: bool = False) -> Tokens:
             labels[j] = ids[j]
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     at = np.flatnonzero(ids == image_id)
-    return Tokens(ids, labels, int(at[0]) if len(at) else -1, msgs[-1]["content"], question)
+    return Tokens(ids, labels, int(at[0]) if len(at) else -1, msgs[-1]["content"], question, category_of(rec))
 
 
 def length_problem(length: int, image_at: int, first_label: int, image_tokens: int, max_length: int,

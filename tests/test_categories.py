@@ -1,0 +1,30 @@
+"""Scores per question type: records name their `category`; each type's score is logged as `score/<category>`."""
+
+import pytest
+
+from tracking.metrics import UnknownMetric, category_metric, spec
+from trainables.evaluate import Scores
+
+
+def test_the_types_split_the_questions_and_their_hits():
+    s = Scores(10, 5, 0, 0, (("", 1, 1), ("color", 2, 4), ("count", 2, 5)))
+    by = s.by_category()
+    assert {k: (v.hits, v.questions) for k, v in by.items()} == {"uncategorized": (1, 1), "color": (2, 4),
+                                                                   "count": (2, 5)}
+    assert by["color"].score == 50.0 and by["color"].interval.low < 50.0 < by["color"].interval.high
+
+
+def test_one_type_or_none_is_not_broken_down():
+    assert Scores(4, 2, 0, 0, (("color", 2, 4),)).by_category() == {}
+    assert Scores(4, 2, 0, 0).by_category() == {}
+
+
+def test_a_type_becomes_a_metric_mlflow_takes_and_its_spec_follows_its_score():
+    assert category_metric("score", "color") == "score/color"
+    assert category_metric("score", "what's this?") == "score/what_s this_"
+    m = spec("score/count_ci_low")
+    assert m.unit == "0-100" and "type 'count' only" in m.description and spec("score_ci_low").description in m.description
+    assert spec("text_score/chat_n").unit == "questions"
+    for bad in ("score/", "gpu_hours/color", "scroe/color"):
+        with pytest.raises(UnknownMetric):
+            spec(bad)
