@@ -28,3 +28,17 @@ def test_a_type_becomes_a_metric_mlflow_takes_and_its_spec_follows_its_score():
     for bad in ("score/", "gpu_hours/color", "scroe/color"):
         with pytest.raises(UnknownMetric):
             spec(bad)
+
+
+def test_what_a_trial_logs_per_type_merges_names_mlflow_spells_alike_and_stops_at_many_types():
+    from trainables.evaluate import MAX_CATEGORIES
+
+    s = Scores(10, 6, 0, 0, (("a?", 1, 2), ("a!", 2, 3), ("b", 3, 5)))
+    m = s.metrics("score")
+    assert set(m) == {f"{name}{part}" for name in ("score", "score/a_", "score/b")
+                      for part in ("", "_n", "_ci_low", "_ci_high")}
+    assert (m["score/a_"], m["score/a__n"]) == (60.0, 5) and m["score"] == 60.0
+    many = Scores(MAX_CATEGORIES + 1, 0, 0, 0, tuple((f"t{i}", 0, 1) for i in range(MAX_CATEGORIES + 1)))
+    assert set(many.metrics("score")) == {"score", "score_n", "score_ci_low", "score_ci_high"}
+    assert len(Scores(MAX_CATEGORIES, 0, 0, 0, tuple((f"t{i}", 0, 1) for i in range(MAX_CATEGORIES)))
+               .metrics("text_score")) == 4 * (MAX_CATEGORIES + 1)

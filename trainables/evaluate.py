@@ -19,6 +19,9 @@ from trainables.answers import judge
 from trainables.data.loader import Collate, eval_indices, eval_loader
 
 
+MAX_CATEGORIES = 50  # question types logged one by one (4 metrics each; MLflow takes 1,000 in one batch)
+
+
 @dataclass(frozen=True)
 class Scores:
     questions: int        # at least one (score_details raises over none)
@@ -33,6 +36,24 @@ class Scores:
         if len(self.categories) < 2:
             return {}
         return {name or "uncategorized": Scores(n, hits, 0, 0) for name, hits, n in self.categories}
+
+    def metrics(self, metric: str = "score") -> dict[str, float]:
+        """What a trial logs of these scores: `metric`, `<metric>_n` and its interval, and the same for each
+        question type as `<metric>/<category>` (two types that MLflow spells alike are counted as one; none
+        when there are more than MAX_CATEGORIES types)."""
+        from tracking.metrics import category_metric
+
+        named = {metric: self}
+        types = self.by_category()
+        for k, v in (types.items() if len(types) <= MAX_CATEGORIES else ()):
+            name = category_metric(metric, k)
+            seen = named.get(name)
+            named[name] = v if seen is None else Scores(seen.questions + v.questions, seen.hits + v.hits, 0, 0)
+        out = {}
+        for name, s in named.items():
+            out.update({name: s.score, f"{name}_n": s.questions, f"{name}_ci_low": s.interval.low,
+                        f"{name}_ci_high": s.interval.high})
+        return out
 
     @property
     def score(self) -> float:

@@ -359,17 +359,13 @@ def peak_memory_gb(device) -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "rss"
 
 
-MAX_CATEGORIES = 50  # question types logged one by one (4 metrics each; MLflow takes 1,000 in one batch)
-
-
 def evaluate(ctx: Ctx, engine) -> dict[str, float]:
     """`score` on the held-out multimodal split (with its number of questions `score_n`, its 95% Wilson
     interval `score_ci_low`/`score_ci_high`, and how many multiple-choice answers named no option:
     `unparsed`) and, where the dataset has one, `text_score` on its language-only split:
     whether tuning kept the LLM's text skill (the paper's data-mixing question). Where the questions name two
     types or more (records' `category`), each type's score too, as `score/<category>` with its `_n` and interval."""
-    from tracking.metrics import category_metric
-    from trainables.evaluate import Scores
+    from trainables.evaluate import MAX_CATEGORIES
 
     cfg = ctx.cfg
     result = {}
@@ -381,18 +377,10 @@ def evaluate(ctx: Ctx, engine) -> dict[str, float]:
             found = score_details(engine.module, held_out, ctx.collate(left=True), ctx.tokenizer, cfg.max_new_tokens,
                                   ctx.device, ctx.rank, ctx.world, synced=cfg.zero_stage == 3,
                                   batch_size=cfg.eval_batch_size, workers=cfg.loader_workers)
-        per_type = {}
-        types = found.by_category()
-        if len(types) > MAX_CATEGORIES:
-            ctx.say(f"{split}: {len(types)} question types, more than the {MAX_CATEGORIES} logged one by one: "
-                    f"no {metric}/<category> metrics")
-            types = {}
-        for k, v in types.items():  # two names MLflow spells alike are one metric
-            name, seen = category_metric(metric, k), per_type.get(category_metric(metric, k))
-            per_type[name] = v if seen is None else Scores(seen.questions + v.questions, seen.hits + v.hits, 0, 0)
-        for name, scores in {metric: found, **per_type}.items():
-            result.update({name: scores.score, f"{name}_n": scores.questions, f"{name}_ci_low": scores.interval.low,
-                           f"{name}_ci_high": scores.interval.high})
+        if len(found.by_category()) > MAX_CATEGORIES:
+            ctx.say(f"{split}: {len(found.by_category())} question types, more than the {MAX_CATEGORIES} logged "
+                    f"one by one: no {metric}/<category> metrics")
+        result.update(found.metrics(metric))
         if metric == "score":
             result.update(multiple_choice=found.multiple_choice, unparsed=found.unparsed)
     return result
