@@ -259,7 +259,7 @@ def start_ray(plan) -> bool:
     # Train V2 turns a worker's print into a log record and, when stdout is wrapped (it is, in a Ray worker),
     # also prints it: every progress line reached the terminal twice. Plain prints, once each.
     # Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S and sees a finished trial
-    # only then: at 1 s a trial's teardown took a median 1.8 s, at 0.25 s 1.0 s (bench.overhead, BENCHMARKS.md).
+    # only then: at 1 s a trial's teardown took a median 2.3 s, at 0.25 s 1.2 s (bench.overhead, BENCHMARKS.md).
     env = {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
            "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "MMSCALE_CACHE": os.environ.get("MMSCALE_CACHE", "")}
     local = local_ray.starts_local(plan.address)
@@ -283,6 +283,14 @@ def start_ray(plan) -> bool:
             raise RuntimeError(f"the local Ray's GCS is at {started}, not at {env['RAY_ADDRESS']} as its workers "
                                "were told")
     return local
+
+
+def reuse_actors(space) -> bool:
+    """Whether Tune runs a trial on the actor of one that finished, its imports (Ray Train, torch, MLflow) done:
+    2.2 s less per trial (bench.overhead). Not with a scheduler: Tune keeps the actor of a trial it stopped as
+    well, whose thread still waits on its TorchTrainer, and the next trial's reset then times out after 2 s,
+    failing that trial (Tune's _on_trial_reset; ray-project/ray#29268)."""
+    return space.scheduler is None
 
 
 def make_tuner(plan, space, parent: str, experiment_id: str, local: bool = False):
@@ -320,12 +328,7 @@ def make_tuner(plan, space, parent: str, experiment_id: str, local: bool = False
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=plan.trials,
-                                    max_concurrent_trials=plan.max_concurrent,
-                                    # a finished trial's actor runs the next trial, its imports (Ray Train, torch,
-                                    # MLflow) done: 2.2 s less per trial (bench.overhead). A trial still running
-                                    # when Tune stops it does not finish resetting in time, and its actor is
-                                    # killed as before (FunctionTrainable.reset_config).
-                                    reuse_actors=True),
+                                    max_concurrent_trials=plan.max_concurrent, reuse_actors=reuse_actors(space)),
         run_config=tune.RunConfig(
             name=plan.study, storage_path=str(plan.storage / "tune"), verbose=1,
             callbacks=[mlflow_runs.NestedMLflowCallback(plan.tracking_uri, plan.study, parent, plan.study),

@@ -430,3 +430,15 @@ def test_seeds_run_every_configuration_at_each_seed_and_every_score_carries_its_
         lr = str(t.params["lr"])
         scores = [run.data.metrics["score"] for run in trials if float(run.data.params["lr"]) == float(lr)]
         assert t.value == pytest.approx(sum(scores) / 2)
+
+
+def test_trial_actors_are_reused_only_without_a_scheduler(tmp_path):
+    from study.space import load
+    from study.study import reuse_actors
+
+    plain = tmp_path / "plain.py"
+    plain.write_text("from study.space import choice\nSPACE = {'lr': choice([1e-3, 2e-3])}\n")
+    asha = tmp_path / "asha.py"
+    asha.write_text("from study.space import asha, choice\nSPACE = {'lr': choice([1e-3, 2e-3])}\n"
+                    "FIXED = {'interim_every': 10, 'stage2_steps': 50}\nSCHEDULER = asha(grace_steps=10)\n")
+    assert reuse_actors(load(plain)) and not reuse_actors(load(asha))
