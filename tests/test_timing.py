@@ -72,3 +72,12 @@ def test_every_phase_is_a_metric_with_a_description():
         spec = METRICS[timing.metric(phase)]
         assert spec.unit == "s" and PHASES[phase] in spec.description
     assert "time_overhead_s" in METRICS
+
+
+def test_only_a_trials_first_attempt_counts_its_startup(tmp_path):
+    from trainables.checkpoint import first_attempt
+
+    run_dir = tmp_path / "train" / "trial-1"
+    assert first_attempt(run_dir)  # made on first use
+    assert not first_attempt(run_dir), "a restarted worker group or a resumed trial is not a first attempt"
+    assert first_attempt(tmp_path / "train" / "trial-2")

@@ -46,6 +46,7 @@ import torch
 
 FORMAT = 1
 TRIAL = "trial.json"
+STARTED = "started"  # in a trial's run directory once its first attempt began (first_attempt)
 LOSS_SCALER = "loss_scaler"  # DeepSpeed's key; an object, not data (see `capture`)
 SLICES = "param_slice_mappings"  # DeepSpeed's key: trained weight name -> its place in the flat partition
 # Config keys that may differ between the run that saved a checkpoint and the one that resumes it.
@@ -285,6 +286,17 @@ RETRIED = (RuntimeError, OSError, MemoryError)
 # Not errors: a trial the study's scheduler stopped ends its workers this way (trainables.worker.StoppedEarly).
 NOT_ERRORS = ("StoppedEarly",)
 FAILED = "failed.json"
+
+
+def first_attempt(run_dir: Path) -> bool:
+    """Whether this is the first attempt of the trial whose Ray Train run directory is `run_dir` (rank 0 marks
+    it): a worker group Ray Train restarted, or a trial a resumed study runs again, is not."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        (run_dir / STARTED).touch(exist_ok=False)
+    except FileExistsError:
+        return False
+    return True
 
 
 @contextmanager

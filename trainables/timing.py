@@ -2,7 +2,8 @@
 
 A trial pays for more than its training (Ray starting its workers, imports, loading, DeepSpeed's
 setup, evaluation, saving and logging), and a study pays that once per trial. The phases are
-exclusive: a phase entered inside another pauses it, so they add up to the worker's wall time, and
+exclusive: a phase entered inside another pauses it, so they add up to at most the worker's wall time
+(a few collectives between phases are in none: bench.overhead shows them as "unaccounted"), and
 `bench.overhead` sets them beside the run's own start and end (MLflow) to show the whole trial.
 Written by hand: Ray Train reports no per-phase times, and torch's profiler times operators, not phases.
 """

@@ -488,8 +488,10 @@ def train_loop(loop_config: dict) -> None:
     log = TrialLog.attach(loop_config["tracking_uri"], loop_config["experiment_id"], loop_config["trial_id"]) \
         if rank == 0 else None
     phases.add("imports", time.time() - entered)
-    if log is not None:
-        phases.add("startup", entered - log.started())
+    if log is not None and checkpoint.first_attempt(Path(loop_config["run_dir"])):
+        # a restarted worker group or a resumed trial would count its earlier attempts and the time between;
+        # a driver's and a worker's clocks may differ on a cluster: never below 0
+        phases.add("startup", max(0.0, entered - log.started()))
     saver = checkpoint.Saver(cfg.checkpoint_every, cfg, rank, world)
     try:
         with checkpoint.no_repeats(Path(loop_config["run_dir"])), checkpoint.latest() as resume:
