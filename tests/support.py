@@ -48,8 +48,9 @@ def assert_world_scores(scores: dict) -> None:
     from zoo import world
 
     kinds = world.ANSWER_SPACE  # every type is among the held-out questions
-    assert set(scores) == {f"{score}{part}" for score in ["score", *(f"score/{k}" for k in kinds), "text_score"]
-                           for part in ("", "_n", "_ci_low", "_ci_high")} | {"multiple_choice", "unparsed"}
-    assert sum(scores[f"score/{k}_n"] for k in kinds) == scores["score_n"]
-    assert sum(scores[f"score/{k}"] * scores[f"score/{k}_n"] for k in kinds) == \
+    parts = ("", "_n", "_ci_low", "_ci_high")
+    assert set(scores) == {f"score{p}{t}" for p in parts for t in ["", *(f"/{k}" for k in kinds)]} | \
+        {f"text_score{p}" for p in parts} | {"multiple_choice", "unparsed"}
+    assert sum(scores[f"score_n/{k}"] for k in kinds) == scores["score_n"]
+    assert sum(scores[f"score/{k}"] * scores[f"score_n/{k}"] for k in kinds) == \
         pytest.approx(scores["score"] * scores["score_n"])

@@ -72,8 +72,9 @@ def turns(*pairs):
     (lambda r: r.update(image=["r0.png", "r1.png"]), "image should be one file name"),
     (lambda r: r.update(image="nowhere.png"), "image 'nowhere.png' does not exist"),
     (lambda r: r.update(category=3), "category should name the question's type in 1 to 64 printable characters, "
-                                     "got a JSON number"),
+                                     "a letter or digit among them, got a JSON number"),
     (lambda r: r.update(category=" "), "category should name the question's type"),
+    (lambda r: r.update(category=".."), "a letter or digit among them, got '..'"),
     (lambda r: r.update(category="x" * 65), "category should name the question's type"),
     (lambda r: r.update(category="color\nshape"), r"got 'color\nshape'"),
 ])

@@ -68,8 +68,8 @@ def test_smoke_lora_study(tmp_path):
         assert m["time_overhead_s"] == pytest.approx(sum(v for p, v in spent.items() if p not in WORK))
         # the score per question type (the world's records name theirs), its counts adding up to the score's
         kinds = ("color", "count", "shape", "where")
-        assert {f"score/{k}{part}" for k in kinds for part in ("", "_n", "_ci_low", "_ci_high")} <= set(m)
-        assert sum(m[f"score/{k}_n"] for k in kinds) == m["score_n"]
+        assert {f"score{part}/{k}" for k in kinds for part in ("", "_n", "_ci_low", "_ci_high")} <= set(m)
+        assert sum(m[f"score_n/{k}"] for k in kinds) == m["score_n"]
     # the study's run carries the frontier plot and table
     frontier = {Path(f.path).name for f in client.list_artifacts(parents[0].info.run_id, "frontier")}
     assert {"frontier.png", "frontier.csv", "table.md"} <= frontier

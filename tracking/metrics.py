@@ -109,14 +109,14 @@ _SPECS = [
 # A trial's wall time by phase (trainables.timing), in the order a trial passes them.
 PHASES = {
     "startup": "from the trial's run starting until its worker's loop runs: Tune's trial actor, the TorchTrainer, "
-               "Ray's worker group and process group, the worker's imports",
-    "imports": "the worker loop's own imports (MLflow, DeepSpeed) and attaching to the trial's run",
+               "Ray's worker group and process group, the worker's imports (a trial's first attempt only)",
+    "imports": "the worker loop's own imports (Ray Train, MLflow) and attaching to the trial's run",
     "model_load": "tokenizer and processor, the stage-1 checkpoint loaded with the method applied",
-    "stage1_cache_read": "finding (or waiting for) the stage-1 checkpoint another trial computed",
+    "stage1_cache_read": "finding (or waiting for) the stage-1 checkpoint another trial computed (model_load reads it)",
     "stage1_build": "assembling the stage-1 model and saving its checkpoint (its training is stage1_training)",
     "stage1_training": "stage-1 steps, when this trial computed them",
     "data_load": "opening the stage-2 data (memory-mapped shards)",
-    "ds_init": "deepspeed.initialize: the engine and ZeRO's partitions",
+    "ds_init": "importing DeepSpeed (the first time) and deepspeed.initialize: the engine and ZeRO's partitions",
     "stage2_training": "stage-2 steps, waits for data included",
     "interim_evaluation": "interim evaluations during stage 2",
     "checkpoint": "stage-2 checkpoints for a restarted worker group",
@@ -139,24 +139,28 @@ _SPECS.append(MetricSpec("time_overhead_s", "s", MIN, "trial", "wall seconds of 
 METRICS: dict[str, MetricSpec] = {m.name: m for m in _SPECS}
 
 
-CATEGORY_SCORES = ("score", "text_score")  # logged per question type too, as `<score>/<category>`
-SUFFIXES = ("_n", "_ci_low", "_ci_high")
+# Logged per question type too: `<metric>/<category>` for each of these (`score/color`, `score_n/color`, ...).
+CATEGORY_METRICS = tuple(f"{score}{part}" for score in ("score", "text_score") for part in ("", "_n", "_ci_low",
+                                                                                            "_ci_high"))
 
 
-def category_metric(score: str, category: str) -> str:
-    """The metric of `score` over one question type: `score/<category>`, the category's characters that MLflow
-    does not take in a name replaced by "_"."""
-    return f"{score}/" + re.sub(r"[^\w\-. ]", "_", category)
+def category_name(category: str) -> str:
+    """A question type as a metric name's part: the characters MLflow does not take in a name replaced by "_"
+    (trainables.data.records makes sure one is a letter, digit or underscore, so it is never "." or "..")."""
+    return re.sub(r"[^\w\-. ]", "_", category)
+
+
+def category_metric(metric: str, category: str) -> str:
+    """`metric` over one question type: `<metric>/<category>`."""
+    return f"{metric}/{category_name(category)}"
 
 
 def _per_category(name: str) -> MetricSpec | None:
-    """The spec of a per-category metric (`score/color`, `score/color_n`, ...), from its score's."""
-    score, _, rest = name.partition("/")
-    if score not in CATEGORY_SCORES or not rest:
+    """The spec of a per-category metric (`score/color`, `score_n/color`, ...), from its metric's."""
+    metric, _, category = name.partition("/")
+    if metric not in CATEGORY_METRICS or not category:
         return None
-    suffix = next((s for s in SUFFIXES if rest.endswith(s)), "")
-    category = rest[:len(rest) - len(suffix)]
-    base = METRICS[score + suffix]
+    base = METRICS[metric]
     return MetricSpec(name, base.unit, base.direction, base.stage, f"{base.description}; questions of type "
                       f"{category!r} only", f"{base.label}, {category}", base.fmt)
 
@@ -190,9 +194,10 @@ def markdown() -> str:
         name = f"`{m.name}`" + (" (per step)" if m.per_step else "")
         lines.append(f"| {name} | {m.unit} | {better} | {m.stage} | {m.description} |")
         if m.name == "text_score_ci_high":  # the per-category scores, after the scores they break down
-            lines.append("| `score/<category>`, with `_n`, `_ci_low`, `_ci_high` (`text_score/<category>` alike) | "
-                         "0-100 | higher | eval | the score over the held-out questions of one type, where the "
-                         "records name two types or more in `category` (the world's: color, shape, count, where) |")
+            lines.append("| `score/<category>`, and `score_n/`, `score_ci_low/`, `score_ci_high/<category>` "
+                         "(`text_score` alike) | 0-100 | higher | eval | the score over the held-out questions of "
+                         "one type, where they fall into two types or more by their records' `category` (the "
+                         "world's: color, shape, count, where; records without one: uncategorized) |")
     return "\n".join(lines) + "\n"
 
 

@@ -35,24 +35,32 @@ class Scores:
         questions that name none are "uncategorized"."""
         if len(self.categories) < 2:
             return {}
-        return {name or "uncategorized": Scores(n, hits, 0, 0) for name, hits, n in self.categories}
+        out: dict[str, Scores] = {}
+        for name, hits, n in self.categories:  # a type named "uncategorized" joins the questions that name none
+            seen = out.get(name or "uncategorized")
+            out[name or "uncategorized"] = Scores(n, hits, 0, 0) if seen is None else \
+                Scores(seen.questions + n, seen.hits + hits, 0, 0)
+        return out
 
     def metrics(self, metric: str = "score") -> dict[str, float]:
         """What a trial logs of these scores: `metric`, `<metric>_n` and its interval, and the same for each
-        question type as `<metric>/<category>` (two types that MLflow spells alike are counted as one; none
-        when there are more than MAX_CATEGORIES types)."""
-        from tracking.metrics import category_metric
+        question type as `<metric>/<category>`, `<metric>_n/<category>`, ... (two types that MLflow spells
+        alike are counted as one; none when there are more than MAX_CATEGORIES types)."""
+        from tracking.metrics import category_metric, category_name
 
-        named = {metric: self}
+        def logged(s: Scores, name=lambda m: m) -> dict[str, float]:
+            return {name(metric): s.score, name(f"{metric}_n"): s.questions,
+                    name(f"{metric}_ci_low"): s.interval.low, name(f"{metric}_ci_high"): s.interval.high}
+
+        merged: dict[str, Scores] = {}
         types = self.by_category()
         for k, v in (types.items() if len(types) <= MAX_CATEGORIES else ()):
-            name = category_metric(metric, k)
-            seen = named.get(name)
-            named[name] = v if seen is None else Scores(seen.questions + v.questions, seen.hits + v.hits, 0, 0)
-        out = {}
-        for name, s in named.items():
-            out.update({name: s.score, f"{name}_n": s.questions, f"{name}_ci_low": s.interval.low,
-                        f"{name}_ci_high": s.interval.high})
+            key = category_name(k)
+            seen = merged.get(key)
+            merged[key] = v if seen is None else Scores(seen.questions + v.questions, seen.hits + v.hits, 0, 0)
+        out = logged(self)
+        for key, s in merged.items():
+            out.update(logged(s, lambda m, key=key: category_metric(m, key)))
         return out
 
     @property

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -158,8 +159,10 @@ def _check_category(rec: dict) -> list[str]:
     if CATEGORY not in rec:
         return []
     value = rec[CATEGORY]
-    if not isinstance(value, str) or not value.strip() or len(value) > MAX_CATEGORY_CHARS or not value.isprintable():
+    if (not isinstance(value, str) or not re.search(r"\w", value) or len(value) > MAX_CATEGORY_CHARS
+            or not value.isprintable()):
         return [f"{CATEGORY} should name the question's type in 1 to {MAX_CATEGORY_CHARS} printable characters, "
+                "a letter or digit among them, "
                 f"got {quoted(value) if isinstance(value, str) else 'a JSON ' + _kind(value)}"]
     return []
 
