@@ -170,7 +170,8 @@ def trainer_seconds(ctx, model, items: list[dict], steps: int, batch: int, gpu: 
             return torch.utils.data.SequentialSampler(self.train_dataset)
 
     args = TrainingArguments(output_dir=str(tmp / "trainer"), per_device_train_batch_size=batch, max_steps=steps,
-                             learning_rate=ctx.cfg.lr, warmup_steps=ctx.cfg.warmup_ratio,  # a float < 1: a ratio lr_scheduler_type="cosine",
+                             learning_rate=ctx.cfg.lr, lr_scheduler_type="cosine",
+                             warmup_steps=ctx.cfg.warmup_ratio,  # a float below 1 is a share of the steps
                              weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", bf16=gpu, use_cpu=not gpu,
                              report_to=[], save_strategy="no", logging_strategy="no", remove_unused_columns=False,
                              dataloader_num_workers=1, seed=ctx.cfg.seed, disable_tqdm=True)
@@ -243,8 +244,8 @@ def part_a(work: Path, gpu: bool) -> list[str]:
             "| status | device | workers | peak source | score (n) | samples/s | peak mem (GB) | GPU-hours | "
             "overhead (s) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        if "device" not in r:
-            out.append(f"| {r['status']} | | | | | | | | |")
+        if r.get("score") is None:  # the study failed, or a trial did: its status says so, and the rest is empty
+            out.append(f"| {r['status']} | {r.get('device') or ''} | {r.get('world') or ''} | | | | | | |")
             continue
         out.append(f"| {r['status']} | {r['device']} | {r['world']} | {r['peak_source']} | {r['score']:.1f} "
                    f"({r['score_n']:.0f}) | {r['samples_per_s']:.0f} | {r['peak_mem_gb']:.2f} | "
@@ -256,15 +257,16 @@ def part_b(dry: bool, gpu: bool) -> list[str]:
     print("(b) peak memory", flush=True)
     shape = "tiny" if dry else "7b"
     out = ["", f"(b) peak memory, {'tiny' if dry else 'Vicuna-7B'}-shaped LLM + CLIP-L/336-shaped tower, "
-                "ZeRO-2, batch 4, 3 steps:", "",
+                "batch 4, 3 steps (QLoRA also under ZeRO-3, its 4-bit weights sharded):", "",
             "| method | peak memory (GB) | source | trainable params | s / step |", "|---|---|---|---|---|"]
-    for method in ("full", "lora", "qlora"):
-        r = child("memory", method, shape, "3", "4", str(gpu))
-        print(f"  {method}: {r}", flush=True)
+    for method, zero in (("full", 2), ("lora", 2), ("qlora", 2), ("qlora", 3)):
+        r = child("memory", method, shape, "3", "4", str(gpu), str(zero))
+        label = f"{method}, ZeRO-{zero}"
+        print(f"  {label}: {r}", flush=True)
         if "error" in r:
-            out.append(f"| {method} | {r['error']} | | | |")
+            out.append(f"| {label} | {r['error']} | | | |")
         else:
-            out.append(f"| {method} | {r['peak_gb']:.2f} | {r['peak_source']} | {r['trainable_params']:,} | "
+            out.append(f"| {label} | {r['peak_gb']:.2f} | {r['peak_source']} | {r['trainable_params']:,} | "
                        f"{r['seconds_per_step']:.3f} |")
     return out
 
@@ -317,8 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         if part == "memory":
             from bench.memory import measure
 
-            method, shape, steps, batch, gpu = rest
-            result = measure(method, "1m", shape, int(steps), int(batch), gpu == "True")
+            method, shape, steps, batch, gpu, zero = rest
+            result = measure(method, "1m", shape, int(steps), int(batch), gpu == "True", int(zero))
         elif part == "throughput":
             loop, method, shape, steps, batch, gpu = rest
             result = throughput(loop, method, shape, int(steps), int(batch), gpu == "True")

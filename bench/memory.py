@@ -106,14 +106,16 @@ def stage2_model(method: str, model_size: str, shape: str | None, steps: int, ba
     return ctx, model, counts
 
 
-def measure(method: str, model_size: str, shape: str | None, steps: int, batch_size: int, gpu: bool) -> dict:
-    """One method in this process: build, tune `steps` steps, report."""
+def measure(method: str, model_size: str, shape: str | None, steps: int, batch_size: int, gpu: bool,
+            zero_stage: int = 2) -> dict:
+    """One method in this process: build, tune `steps` steps under ZeRO-`zero_stage`, report."""
     from trainables import worker
 
     with tempfile.TemporaryDirectory() as tmp:
-        ctx, model, counts = stage2_model(method, model_size, shape, steps, batch_size, gpu, Path(tmp))
+        ctx, model, counts = stage2_model(method, model_size, shape, steps, batch_size, gpu, Path(tmp),
+                                          zero_stage=zero_stage)
         _, seconds, _ = worker.train(ctx, model, worker.param_groups(model, ctx.cfg), ctx.dataset("train"), steps,
-                                     "bench")
+                                     "stage2")
         peak, source = worker.peak_memory_gb(ctx.device)
         device = ctx.device
     return dict(method=method, model=shape or model_size, device=worker.device_name(device), peak_gb=round(peak, 3),

@@ -199,7 +199,11 @@ def study_breakdown(work: Path, workers: int, trials: int, steps: int, tree: Pat
     rows = []
     for run in client.search_runs([exp.experiment_id], "tags.`mmscale.trial_id` != ''", order_by=["start_time ASC"]):
         m = run.data.metrics
-        logged = client.get_metric_history(run.info.run_id, "time_overhead_s")[-1].timestamp / 1000
+        history = client.get_metric_history(run.info.run_id, "time_overhead_s")
+        if not history:  # a trial that did not finish (or a tree without the timings): nothing to break down
+            print(f"  run {run.info.run_name}: {run.info.status}, no phase timings; left out", flush=True)
+            continue
+        logged = history[-1].timestamp / 1000
         row = {p: m.get(metric(p), 0.0) for p in PHASES}
         total = (run.info.end_time - run.info.start_time) / 1000
         row["teardown"] = run.info.end_time / 1000 - logged
@@ -220,8 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trials", type=int, default=4, help="trials per study in (b)")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="workers per trial in (b)")
     p.add_argument("--skip", choices=["a", "b", "c"], nargs="+", default=[], help="leave out parts")
-    p.add_argument("--before", metavar="REV", help="(b) also for this git revision (a worktree of it), study by study "
-                                                   "alternating with this checkout")
+    p.add_argument("--before", metavar="REV", help="(b) also for this git revision (a worktree of it; 9778369 or later: "
+                                                   "it must log the phase timings), study by study alternating with "
+                                                   "this checkout")
     p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "mmscale-overhead"))
     p.add_argument("--one", choices=["trial", "bare"], help=argparse.SUPPRESS)
     p.add_argument("--storage", help=argparse.SUPPRESS)
