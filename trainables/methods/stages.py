@@ -18,7 +18,8 @@ if TYPE_CHECKING:  # the registry is read by analysis/, which must not need torc
     import torch
 
 FROZEN, LORA, ADAPTER, FULL = "frozen", "lora", "adapter", "full"
-QUANT_STORAGE_BNB = "0.43.0"  # the first bitsandbytes with bnb_4bit_quant_storage (4-bit weights ZeRO-3 can shard)
+QUANT_STORAGE_BNB = "0.43.0"  # the first bitsandbytes with bnb_4bit_quant_storage (4-bit weights ZeRO-3 can shard);
+# pyproject asks for more, but a cluster image may bring its own (installed with --no-deps)
 # projector = LLaVA's 2-layer MLP; neck = MMA's visual neck and modality tokens (LaVIN), which replace it.
 PARTS = ("vision_tower", "projector", "neck", "llm")
 # LLaVA's stage 1 (feature alignment): only the projector learns, on captions.
