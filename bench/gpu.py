@@ -332,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.dry and not gpu_count():
         print("error: no CUDA GPU here; run with --dry to check the script on the CPU", file=sys.stderr)
         return 2
+    import zoo
+
+    zoo.ensure_zoo(), zoo.ensure_world()  # before the children, which only read them (a fresh machine has none)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work) if args.work else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)

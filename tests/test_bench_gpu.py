@@ -34,6 +34,7 @@ def test_without_a_gpu_the_script_says_so_and_how_to_check_it():
 
 @pytest.mark.slow
 def test_the_throughput_and_evaluation_parts_run_dry(tmp_path):
+    # in CI this runs before any other test has built the zoo: the script builds what its parts read
     out = tmp_path / "rows.md"
     r = subprocess.run([sys.executable, "-m", "bench.gpu", "--dry", "--parts", "cd", "--out", str(out)], cwd=REPO,
                        capture_output=True, text=True, timeout=600)
