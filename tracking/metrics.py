@@ -173,11 +173,10 @@ class UnknownMetric(KeyError):
 
 
 def spec(name: str) -> MetricSpec:
-    if name not in METRICS and _per_category(name) is not None:
-        return _per_category(name)
-    if name not in METRICS:
+    found = METRICS.get(name) or _per_category(name)
+    if found is None:
         raise UnknownMetric(f"unknown metric {name!r} (known: {', '.join(sorted(METRICS))})")
-    return METRICS[name]
+    return found
 
 
 def direction(name: str) -> str:

@@ -31,36 +31,32 @@ class Scores:
     categories: tuple[tuple[str, int, int], ...] = ()  # (question type, hits, questions) where records name one
 
     def by_category(self) -> dict[str, "Scores"]:
-        """{question type: its Scores} (hits and questions only), when the questions name two types or more;
-        questions that name none are "uncategorized"."""
+        """{question type, as its metrics name it (tracking.metrics.category_name): its Scores (hits and
+        questions only)}, when the questions fall into two types or more. Questions that name none are
+        "uncategorized"; types that come out alike (a type named "uncategorized", or "a?" and "a!") are one."""
+        from tracking.metrics import category_name
+
         if len(self.categories) < 2:
             return {}
-        out: dict[str, Scores] = {}
-        for name, hits, n in self.categories:  # a type named "uncategorized" joins the questions that name none
-            seen = out.get(name or "uncategorized")
-            out[name or "uncategorized"] = Scores(n, hits, 0, 0) if seen is None else \
-                Scores(seen.questions + n, seen.hits + hits, 0, 0)
-        return out
+        counts: dict[str, list[int]] = {}
+        for name, hits, n in self.categories:
+            total = counts.setdefault(category_name(name or "uncategorized"), [0, 0])
+            total[0], total[1] = total[0] + hits, total[1] + n
+        return {name: Scores(n, hits, 0, 0) for name, (hits, n) in counts.items()}
 
     def metrics(self, metric: str = "score") -> dict[str, float]:
         """What a trial logs of these scores: `metric`, `<metric>_n` and its interval, and the same for each
-        question type as `<metric>/<category>`, `<metric>_n/<category>`, ... (two types that MLflow spells
-        alike are counted as one; none when there are more than MAX_CATEGORIES types)."""
-        from tracking.metrics import category_metric, category_name
+        question type as `<metric>/<category>`, `<metric>_n/<category>`, ... (none when there are more than
+        MAX_CATEGORIES types)."""
+        from tracking.metrics import category_metric
 
-        def logged(s: Scores, name=lambda m: m) -> dict[str, float]:
-            return {name(metric): s.score, name(f"{metric}_n"): s.questions,
-                    name(f"{metric}_ci_low"): s.interval.low, name(f"{metric}_ci_high"): s.interval.high}
-
-        merged: dict[str, Scores] = {}
+        parts = {"": lambda s: s.score, "_n": lambda s: s.questions, "_ci_low": lambda s: s.interval.low,
+                 "_ci_high": lambda s: s.interval.high}
+        out = {f"{metric}{part}": value(self) for part, value in parts.items()}
         types = self.by_category()
-        for k, v in (types.items() if len(types) <= MAX_CATEGORIES else ()):
-            key = category_name(k)
-            seen = merged.get(key)
-            merged[key] = v if seen is None else Scores(seen.questions + v.questions, seen.hits + v.hits, 0, 0)
-        out = logged(self)
-        for key, s in merged.items():
-            out.update(logged(s, lambda m, key=key: category_metric(m, key)))
+        if len(types) <= MAX_CATEGORIES:
+            out.update({category_metric(f"{metric}{part}", k): value(v) for k, v in types.items()
+                        for part, value in parts.items()})
         return out
 
     @property
@@ -103,16 +99,17 @@ def score_details(model, dataset, collate: Collate, tokenizer, max_new_tokens: i
     idx = eval_indices(len(dataset), rank, world, synced)
     answers = generate_answers(model, eval_loader(dataset, idx, batch_size, collate, workers), tokenizer,
                                max_new_tokens, device, synced)
-    # every rank reads every question's type from the shard, so all count them in the same order
-    kinds = [dataset.shard.category(dataset.row(i)) for i in range(len(dataset))]
+    # every rank reads every question's type (one column of the shard), so all count them in the same order
+    kinds = dataset.shard.column("category")[dataset.rows]
     names = sorted(set(kinds))
+    slot = {name: 4 + 2 * j for j, name in enumerate(names)}
     # hits, questions, multiple choice, unparsed; then hits and questions per type
     totals = torch.zeros(4 + 2 * len(names), dtype=torch.float64)
     for i in sorted(set(idx)):
         r = dataset.row(i)
         correct, how = judge(answers[i], dataset.shard.answer(r), dataset.shard.question(r))
         totals[:4] += torch.tensor([correct, 1, how != "exact", how == "unparsed"], dtype=torch.float64)
-        k = 4 + 2 * names.index(kinds[i])
+        k = slot[kinds[i]]
         totals[k:k + 2] += torch.tensor([correct, 1], dtype=torch.float64)
     if world > 1:
         dist.all_reduce(totals)

@@ -377,9 +377,10 @@ def evaluate(ctx: Ctx, engine) -> dict[str, float]:
             found = score_details(engine.module, held_out, ctx.collate(left=True), ctx.tokenizer, cfg.max_new_tokens,
                                   ctx.device, ctx.rank, ctx.world, synced=cfg.zero_stage == 3,
                                   batch_size=cfg.eval_batch_size, workers=cfg.loader_workers)
-        if len(found.by_category()) > MAX_CATEGORIES:
-            ctx.say(f"{split}: {len(found.by_category())} question types, more than the {MAX_CATEGORIES} logged "
-                    f"one by one: no {metric}/<category> metrics")
+        types = len(found.by_category())
+        if types > MAX_CATEGORIES:
+            ctx.say(f"{split}: {types} question types, more than the {MAX_CATEGORIES} logged one by one: "
+                    f"no {metric}/<category> metrics")
         result.update(found.metrics(metric))
         if metric == "score":
             result.update(multiple_choice=found.multiple_choice, unparsed=found.unparsed)

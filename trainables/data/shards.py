@@ -132,11 +132,8 @@ class Shard:
     def question(self, i: int) -> str:
         return self._scalar("question", i)
 
-    def category(self, i: int) -> str:
-        return self._scalar("category", i)
-
     def column(self, name: str) -> np.ndarray:
-        """A whole scalar column (lengths, indices) as numpy, for the check; not used by trials."""
+        """A whole scalar column as numpy: lengths and indices for the check, an eval split's categories."""
         if name == "length":
             return np.concatenate([np.diff(c.offsets.to_numpy()) for c in self.table.column("input_ids").chunks]
                                   or [np.zeros(0, dtype=np.int64)])
