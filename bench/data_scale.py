@@ -23,10 +23,11 @@ import json
 import os
 import resource
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bench import result_line, run_child
 
 SHAPES = dict(model_size="vicuna-7b-tiny", vision_tower="clip-l14-336-tiny", image_size=336, max_length=2048)
 
@@ -121,11 +122,7 @@ def train(root: Path, steps: int, storage: Path, shapes: bool, in_memory: bool =
     plan = plan_file(root, storage, shapes, batch)
     cmd = [sys.executable, "-m", "bench.data_scale", "--one", str(plan), "--steps", str(steps), "--storage",
            str(storage), "--batch", str(batch)] + (["--shapes"] if shapes else []) + (["--in-memory"] if in_memory else [])
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    lines = [line for line in r.stdout.splitlines() if line.startswith("RESULT ")]
-    if r.returncode or not lines:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return run_child(cmd)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--in-memory", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.one:
-        print("RESULT " + json.dumps(train_once(args.one, args.steps, args.storage, args.shapes, args.in_memory,
+        print(result_line(train_once(args.one, args.steps, args.storage, args.shapes, args.in_memory,
                                                 args.batch)), flush=True)
         return 0
     import zoo

@@ -24,12 +24,13 @@ Every measurement runs in its own process (peak memory is per process). With --d
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench import ChildFailed, result_line, run_child
 
 # Dense bf16 peak (TFLOP/s) by the card's name (vendor spec sheets: H100/H200 SXM 989, A100 312, L40S 362).
 PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1}
@@ -44,15 +45,13 @@ def child(part: str, *args: str, timeout: float = 900) -> dict:
     """`python -m bench.gpu --one PART ARGS` in its own process; its RESULT line, or {"error": ...}."""
     cmd = [sys.executable, "-m", "bench.gpu", "--one", part, *args]
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+        return run_child(cmd, timeout=timeout, cwd=REPO)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
-    lines = [line for line in r.stdout.splitlines() if line.startswith("RESULT ")]
-    if r.returncode or not lines:
-        tail = (r.stderr or r.stdout).strip().splitlines()
+    except ChildFailed as failed:
+        tail = (failed.stderr or failed.stdout).strip().splitlines()
         oom = any("out of memory" in line.lower() for line in tail)
-        return {"error": "out of memory" if oom else (tail[-1] if tail else f"exit {r.returncode}")}
-    return json.loads(lines[-1][len("RESULT "):])
+        return {"error": "out of memory" if oom else (tail[-1] if tail else "no result")}
 
 
 # --- (a) a smoke study on the GPU ---------------------------------------------------------------------------
@@ -327,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             gpu, questions = rest
             result = answers_by_batch(gpu == "True", int(questions), [1, 16, 64])
-        print("RESULT " + json.dumps(result), flush=True)
+        print(result_line(result), flush=True)
         return 0
     if not args.dry and not gpu_count():
         print("error: no CUDA GPU here; run with --dry to check the script on the CPU", file=sys.stderr)

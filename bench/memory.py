@@ -17,11 +17,12 @@ import argparse
 import json
 import os
 import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench import ChildFailed, result_line, run_child
 
 # hidden, layers, intermediate, heads (LLM); the tower is CLIP-L/14 at 336 px for "7b", smaller otherwise.
 SHAPES = {
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # the child process
     args = p.parse_args(argv)
     if args.one:
-        print("RESULT " + json.dumps(measure(args.methods[0], args.model_size, args.shape, args.steps,
+        print(result_line(measure(args.methods[0], args.model_size, args.shape, args.steps,
                                              args.batch_size, args.gpu)), flush=True)
         return 0
     rows = []
@@ -143,12 +144,11 @@ def main(argv: list[str] | None = None) -> int:
                "--steps", str(args.steps), "--batch-size", str(args.batch_size)] + \
               (["--shape", args.shape] if args.shape else []) + (["--gpu"] if args.gpu else [])
         t0 = time.perf_counter()
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        lines = [line for line in r.stdout.splitlines() if line.startswith("RESULT ")]
-        if r.returncode or not lines:
-            print(f"{method}: failed ({r.returncode})\n{r.stderr[-3000:]}", file=sys.stderr)
+        try:
+            rows.append(run_child(cmd))
+        except ChildFailed as failed:
+            print(f"{method}: failed\n{failed.stderr[-3000:]}", file=sys.stderr)
             continue
-        rows.append(json.loads(lines[-1][len("RESULT "):]))
         print(json.dumps(rows[-1]), f"({time.perf_counter() - t0:.0f} s)", flush=True)
     print("\n| method | model | device | peak memory (GB) | trainable params | s / step |")
     print("|---|---|---|---|---|---|")

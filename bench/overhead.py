@@ -22,7 +22,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -31,44 +30,23 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench import result_line, result_of
+
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "1m"
 BATCH = 32
 
 
-def child_env() -> None:
-    """One rank, gloo, no Ray: what a trial's worker has once Ray Train set up its process group."""
-    import socket
-
-    import torch.distributed as dist
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    dist.init_process_group("gloo", rank=0, world_size=1)
-
-
 def build(method: str, steps: int, storage: str, threads: int):
-    """The stage-1 model (cached in `storage`) with `method` applied, as a trial's stage 2 starts it."""
+    """The stage-1 model (cached in `storage`) with `method` applied, as a trial's stage 2 starts it, in a
+    one-rank gloo group: what a trial's worker has once Ray Train set up its process group."""
     import torch
 
-    import zoo
-    from trainables import worker
-    from trainables.config import TrialConfig
-    from trainables.methods import METHODS, apply_stage
-    from trainables.prepare import prepare
+    from bench.memory import stage2_model
 
     torch.set_num_threads(threads)
-    cfg = TrialConfig(method=method, model_size=MODEL, batch_size=BATCH, stage1_steps=0, stage2_steps=steps,
-                      checkpoint_every=0, lr=1e-3 if method != "full" else 1e-4)
-    report, data = prepare(zoo.world_dir(), [cfg], Path(storage), progress=False)
-    assert data is not None, report.first_error_line()
-    child_env()
-    ctx = worker.setup(cfg, 0, 1, torch.device("cpu"), data, Path(storage))
-    base, _ = worker.stage1(ctx)
-    m = METHODS[method]
-    model, _ = apply_stage(m.load(base, cfg), m.stage2, cfg, m.wrap)
+    ctx, model, _ = stage2_model(method, MODEL, None, steps, BATCH, False, Path(storage), loader_workers=1,
+                                 lr=1e-3 if method != "full" else 1e-4)
     return ctx, model
 
 
@@ -107,8 +85,9 @@ def bare_loop(method: str, steps: int, storage: str, threads: int) -> dict:
     batches = [b for b in train_loader(ctx.dataset("train"), cfg.batch_size, 0, 1, cfg.seed, steps, ctx.collate())]
     for b in batches:
         b.pop("index")
-    params = [p for g in worker.param_groups(model, cfg) for p in g["params"]]
-    opt = torch.optim.AdamW(worker.param_groups(model, cfg), weight_decay=cfg.weight_decay)
+    groups = worker.param_groups(model, cfg)
+    params = [p for g in groups for p in g["params"]]
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, worker.warmup_cosine(steps, cfg.warmup_ratio))
     model.train()
     losses = []
@@ -135,10 +114,7 @@ def one(kind: str, method: str, steps: int, storage: str, threads: int, parallel
     results = []
     for proc in procs:
         out, err = proc.communicate()
-        lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
-        if proc.returncode or not lines:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{out[-2000:]}\n{err[-3000:]}")
-        results.append(json.loads(lines[-1][len("RESULT "):]))
+        results.append(result_of(cmd, proc.returncode, out, err))
     return {"samples_per_s": statistics.mean(r["samples_per_s"] for r in results)}
 
 
@@ -233,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.one:
         loop = trial_loop if args.one == "trial" else bare_loop
-        print("RESULT " + json.dumps(loop(args.methods[0], args.steps, args.storage, args.threads)), flush=True)
+        print(result_line(loop(args.methods[0], args.steps, args.storage, args.threads)), flush=True)
         return 0
     import zoo
 
