@@ -31,10 +31,14 @@ class Phases:
             self.seconds[top] = self.seconds.get(top, 0.0) + now - self._since
         self._since = now
 
-    @contextlib.contextmanager
-    def __call__(self, phase: str) -> Iterator[None]:
+    @staticmethod
+    def _known(phase: str) -> None:
         if phase not in PHASES:
             raise KeyError(f"unknown phase {phase!r}; known: {', '.join(PHASES)}")
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        self._known(phase)
         self._charge(time.perf_counter())
         self._stack.append(phase)
         try:
@@ -45,8 +49,7 @@ class Phases:
 
     def add(self, phase: str, seconds: float) -> None:
         """Seconds measured elsewhere (the trial's startup, from its run's start time)."""
-        if phase not in PHASES:
-            raise KeyError(f"unknown phase {phase!r}")
+        self._known(phase)
         self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
 
     def metrics(self) -> dict[str, float]:
