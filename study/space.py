@@ -305,11 +305,9 @@ def validate(space: Space) -> None:
     path = space.path
     if space.mode not in ("max", "min"):
         raise SpaceError(f"{path}: MODE={space.mode!r} should be 'max' or 'min'")
-    if not isinstance(space.metric, str) or space.metric not in metrics.METRICS or \
-            metrics.METRICS[space.metric].per_step or metrics.METRICS[space.metric].stage == "study":
-        finals = sorted(m.name for m in metrics.METRICS.values() if not m.per_step and m.stage != "study")
+    if not isinstance(space.metric, str) or space.metric not in metrics.finals():
         raise SpaceError(f"{path}: METRIC={space.metric!r} is not a metric a trial reports at its end "
-                         f"(one of: {', '.join(finals)})")
+                         f"(one of: {', '.join(metrics.finals())})")
     better = metrics.METRICS[space.metric].direction
     if better and better != space.mode:
         raise SpaceError(f"{path}: MODE={space.mode!r} with METRIC={space.metric!r}, where "
@@ -381,11 +379,10 @@ def _validate_search(space: Space) -> None:
     if space.objectives is not None:
         if not isinstance(space.objectives, dict) or len(space.objectives) < 1:
             raise SpaceError(f"{path}: OBJECTIVES={space.objectives!r} should be a dict of metric -> 'max' or 'min'")
-        finals = sorted(m.name for m in metrics.METRICS.values() if not m.per_step and m.stage != "study")
         for name, mode in space.objectives.items():
-            if name not in finals:
+            if name not in metrics.finals():
                 raise SpaceError(f"{path}: OBJECTIVES[{name!r}]: not a metric a trial reports at its end "
-                                 f"(one of: {', '.join(finals)})")
+                                 f"(one of: {', '.join(metrics.finals())})")
             if mode not in ("max", "min"):
                 raise SpaceError(f"{path}: OBJECTIVES[{name!r}]={mode!r} should be 'max' or 'min'")
             better = metrics.METRICS[name].direction

@@ -72,6 +72,10 @@ def test_alpha_as_multiple_of_rank(tmp_path):
     # every value the sampler can produce is checked, not only the corners of each range
     ("SPACE = {}\nMETRIC = 'scroe'", "METRIC='scroe' is not a metric a trial reports at its end"),
     ("SPACE = {}\nMETRIC = 'train_loss'", "METRIC='train_loss' is not a metric a trial reports"),
+    # logged to MLflow only, never reported to Tune: a search on them would learn nothing
+    ("SPACE = {}\nMETRIC = 'time_overhead_s'\nMODE = 'min'", "METRIC='time_overhead_s' is not a metric a trial"),
+    ("SPACE = {}\nOBJECTIVES = {'score': 'max', 'forecast_gpu_hours': 'min'}",
+     r"OBJECTIVES\['forecast_gpu_hours'\]: not a metric a trial reports at its end"),
     ("SPACE = {}\nMETRIC = 'gpu_hours'", "MODE='max' with METRIC='gpu_hours', where lower is better"),
     ("SPACE = {}\nFIXED = {'data': '/elsewhere'}", r"FIXED\['data'\]: data is a setting of the command \(--data DIR\)"),
     ("SPACE = {}\nSMOKE = {'storage': '/tmp/x'}", r"SMOKE\['storage'\]: storage is a setting of the command"),

@@ -31,6 +31,8 @@ class MetricSpec:
     label: str          # axis label
     fmt: str = "{:g}"   # how a table shows one value
     per_step: bool = False  # logged at every optimizer step (a curve), not once at the end
+    reported: bool = True   # in the trial's final result to Ray Tune too (what METRIC / OBJECTIVES may name), not
+                            # only in MLflow (the forecast, logged before the trial; the phase timings, after it)
 
 
 _SPECS = [
@@ -58,9 +60,9 @@ _SPECS = [
                "{:.4f}"),
     MetricSpec("forecast_gpu_hours", "GPU-hours per node", MIN, "trial", "the cost forecast before the trial ran "
                "(training FLOPs / the device's sustained FLOP/s; study.forecast), beside the measured gpu_hours",
-               "forecast GPU-hours per node", "{:.2e}"),
+               "forecast GPU-hours per node", "{:.2e}", reported=False),
     MetricSpec("forecast_dollars", "$", MIN, "trial", "forecast_gpu_hours x price per node-hour", "forecast cost ($)",
-               "{:.4f}"),
+               "{:.4f}", reported=False),
     MetricSpec("stage1_gpu_hours", "GPU-hours per node", MIN, "stage1", "stage 1's share of gpu_hours",
                "stage-1 GPU-hours per node", "{:.2e}"),
     MetricSpec("stage2_gpu_hours", "GPU-hours per node", MIN, "stage2", "stage 2's share of gpu_hours",
@@ -132,10 +134,10 @@ def phase_metric(phase: str) -> str:
 
 
 _SPECS += [MetricSpec(phase_metric(p), "s", MIN, "trial", f"wall seconds of rank 0 in this phase: {what}",
-                      f"{p.replace('_', ' ')} (s)", "{:.1f}") for p, what in PHASES.items()]
+                      f"{p.replace('_', ' ')} (s)", "{:.1f}", reported=False) for p, what in PHASES.items()]
 _SPECS.append(MetricSpec("time_overhead_s", "s", MIN, "trial", "wall seconds of the trial outside its work "
                          f"({', '.join(WORK)}): the sum of the other phases (bench.overhead)",
-                         "trial overhead (s)", "{:.1f}"))
+                         "trial overhead (s)", "{:.1f}", reported=False))
 METRICS: dict[str, MetricSpec] = {m.name: m for m in _SPECS}
 
 
@@ -163,6 +165,11 @@ def _per_category(name: str) -> MetricSpec | None:
     base = METRICS[metric]
     return MetricSpec(name, base.unit, base.direction, base.stage, f"{base.description}; questions of type "
                       f"{category!r} only", f"{base.label}, {category}", base.fmt)
+
+
+def finals() -> list[str]:
+    """The metrics a trial reports to Ray Tune at its end, sorted: what a study's METRIC and OBJECTIVES may name."""
+    return sorted(m.name for m in METRICS.values() if m.reported and not m.per_step and m.stage != "study")
 
 
 class UnknownMetric(KeyError):
@@ -194,8 +201,8 @@ def markdown() -> str:
         lines.append(f"| {name} | {m.unit} | {better} | {m.stage} | {m.description} |")
         if m.name == "text_score_ci_high":  # the per-category scores, after the scores they break down
             lines.append("| `score/<category>`, and `score_n/`, `score_ci_low/`, `score_ci_high/<category>` "
-                         "(`text_score` alike) | 0-100 | higher | eval | the score over the held-out questions of "
-                         "one type, where they fall into two types or more by their records' `category` (the "
+                         "(`text_score` alike) | 0-100 (`score_n/`: questions) | higher | eval | the score over the "
+                         "held-out questions of one type, where they fall into two types or more by their records' `category` (the "
                          "world's: color, shape, count, where; records without one: uncategorized) |")
     return "\n".join(lines) + "\n"
 
