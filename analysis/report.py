@@ -17,8 +17,11 @@ Sources, stated as their authors found them (qualitatively; the numbers are thei
   Models" (LaVIN, mixture-of-modality adaptation, MMA): direction 7.
 
 An effect is mean(A) - mean(B) in score points (0-100) over two groups of finished trials, one
-trial being one seed of one configuration, with Welch's 95% t interval
-(tracking.intervals.difference). The groups are matched where the data allows: first on every
+trial being one seed of one configuration, with a 95% interval: the paired t interval where every
+trial of A has its twin in B at the same seed (the same configuration but the factor compared;
+twins share the seed's data order, initial adapter weights and dropout: tracking.intervals.
+paired_difference; `matched_on` then ends in "paired by seed"), else Welch's t interval over the
+two groups (tracking.intervals.difference). The groups are matched where the data allows: first on every
 other param both groups have (so a configuration counts only if its twin was run at the other
 level), then on fewer (e.g. the same model sizes), and compared unmatched only where a direction
 allows it; the table's `matched_on` says which. "The paper's LoRA" is the recipe the scaling paper
@@ -49,7 +52,7 @@ from analysis import plots, tables
 from analysis.frontier import BadInput, OneLineParser, check_out, default_out, record_written
 from analysis.pareto import frontier
 from analysis.runs import AnalysisError, formatted, load_studies
-from tracking.intervals import Interval, difference
+from tracking.intervals import Interval, difference, paired_difference
 
 HOLDS, NOT_RESOLVED, DOES_NOT_HOLD, NOT_MEASURED = "holds", "not resolved", "does not hold", "not measured"
 REPORT, FOREST = "REPORT.md", "report-directions.png"
@@ -71,6 +74,7 @@ class Comparison:
     b: pd.DataFrame
     compared: str
     matched_on: str
+    on: list[str]                # the columns matched on (the twins at one seed share them: `pairs`)
     note: str = ""
     fails: bool = False
 
@@ -102,17 +106,36 @@ class Direction:
 # --- the groups ---
 
 def matched(a: pd.DataFrame, b: pd.DataFrame, free: set[str], fallbacks: list[list[str]] = ()) -> tuple:
-    """(A, B, what they were matched on): the trials of each whose configuration has a twin in the other,
-    first on every param both groups have but `free` (and the seed), then on each of `fallbacks` in turn
-    ([]: unmatched), keeping the first that leaves 2 trials a side (else the last)."""
+    """(A, B, what they were matched on, the columns matched on): the trials of each whose configuration has a
+    twin in the other, first on every param both groups have but `free` (and the seed), then on each of
+    `fallbacks` in turn ([]: unmatched), keeping the first that leaves 2 trials a side (else the last)."""
     params = [c for c in tables.configuration_keys(a) if c != "experiment" and c not in free
               and c in b and a[c].notna().any() and b[c].notna().any()]
     tries = [(params, "every other param")] + [(on, ", ".join(on) or "nothing (unmatched)") for on in fallbacks]
     for on, said in tries:
-        ma, mb = _twins(a, b, [c for c in on if c in a and c in b])
+        on = [c for c in on if c in a and c in b]
+        ma, mb = _twins(a, b, on)
         if len(ma) >= 2 and len(mb) >= 2:
             break
-    return ma, mb, said
+    return ma, mb, said, on
+
+
+def pairs(a: pd.DataFrame, b: pd.DataFrame, on: list[str], metric: str) -> tuple[list, list] | None:
+    """The trials of A and B as twins at the same seed, (A's values, B's values) in pair order, when every trial
+    with a `metric` has exactly one twin on `on` + seed in the other group (at least 2 pairs); else None.
+
+    Twins at one seed share the data order, the initial adapter weights and the dropout masks (common random
+    numbers), so their difference leaves the seed's noise out (tracking.intervals.paired_difference)."""
+    a, b = a[a[metric].notna()], b[b[metric].notna()]
+    keys = [*on, "seed"]
+    if "seed" not in a or "seed" not in b or len(a) != len(b) or len(a) < 2:
+        return None
+    ka, kb = a[keys].astype(str).agg("|".join, axis=1), b[keys].astype(str).agg("|".join, axis=1)
+    if ka.duplicated().any() or kb.duplicated().any() or set(ka) != set(kb):
+        return None
+    order = {k: i for i, k in enumerate(kb)}
+    twin = b[metric].to_numpy()[[order[k] for k in ka]]
+    return list(a[metric].to_numpy()), list(twin)
 
 
 def _twins(a: pd.DataFrame, b: pd.DataFrame, on: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -161,22 +184,22 @@ def paper_lora(df: pd.DataFrame, largest_rank: bool = False) -> pd.DataFrame:
 def _larger_llm(df: pd.DataFrame) -> Comparison:
     lora = _method(df, "lora")
     big, small = _extremes(lora, "model_size", "lora trials", key=tables.size_key)
-    a, b, on = matched(lora[lora["model_size"] == big], lora[lora["model_size"] == small], {"model_size"}, [[]])
-    return Comparison(a, b, f"lora {big} - lora {small}", on)
+    a, b, on, keys = matched(lora[lora["model_size"] == big], lora[lora["model_size"] == small], {"model_size"}, [[]])
+    return Comparison(a, b, f"lora {big} - lora {small}", on, keys)
 
 
 def _resolution(df: pd.DataFrame) -> Comparison:
     high, low = _extremes(df, "image_size", "trials")
-    a, b, on = matched(df[df["image_size"] == high], df[df["image_size"] == low], {"image_size", "vision_tower"},
+    a, b, on, keys = matched(df[df["image_size"] == high], df[df["image_size"] == low], {"image_size", "vision_tower"},
                        [[]])
-    return Comparison(a, b, f"{high:g} px - {low:g} px", on)
+    return Comparison(a, b, f"{high:g} px - {low:g} px", on, keys)
 
 
 def _lora_vs_full(df: pd.DataFrame) -> Comparison:
     lora, full = paper_lora(df, largest_rank=True), _need(_method(df, "full"), "full")
-    a, b, on = matched(lora, full, {"method", "lr"}, [["model_size"]])
+    a, b, on, keys = matched(lora, full, {"method", "lr"}, [["model_size"]])
     rank, alpha, lr = lora["lora_rank"].iloc[0], lora["lora_alpha"].iloc[0], lora["lr"].iloc[0]
-    return Comparison(a, b, f"lora r{rank} a{alpha:g} lr{lr:g} - full", on)
+    return Comparison(a, b, f"lora r{rank} a{alpha:g} lr{lr:g} - full", on, keys)
 
 
 def _low_lr_or_alpha(df: pd.DataFrame) -> Comparison:
@@ -184,15 +207,15 @@ def _low_lr_or_alpha(df: pd.DataFrame) -> Comparison:
     top = lora["lr"].max()
     low = lora[np.isclose(lora["alpha_per_rank"].astype(float), 0.25) | (lora["lr"] <= top / 10 * (1 + 1e-9))]
     _need(low, f"lora at alpha = rank / 4 or lr <= {top / 10:g}")
-    a, b, on = matched(low, recipe, {"lr", "lora_alpha", "alpha_per_rank"},
+    a, b, on, keys = matched(low, recipe, {"lr", "lora_alpha", "alpha_per_rank"},
                        [["model_size", "lora_rank"], ["lora_rank"]])
-    return Comparison(a, b, f"lora a=r/4 or lr<={top / 10:g} - lora a=2r lr{top:g}", on)
+    return Comparison(a, b, f"lora a=r/4 or lr<={top / 10:g} - lora a=2r lr{top:g}", on, keys)
 
 
 def _qlora_vs_lora(df: pd.DataFrame) -> Comparison:
     qlora, lora = _need(_method(df, "qlora"), "qlora"), _need(_method(df, "lora"), "lora")
-    a, b, on = matched(qlora, lora, {"method"}, [["model_size", "lora_rank", "lora_alpha", "lr"]])
-    return Comparison(a, b, "qlora - lora", on)
+    a, b, on, keys = matched(qlora, lora, {"method"}, [["model_size", "lora_rank", "lora_alpha", "lr"]])
+    return Comparison(a, b, "qlora - lora", on, keys)
 
 
 def _text_mixing(df: pd.DataFrame) -> Comparison:
@@ -200,20 +223,20 @@ def _text_mixing(df: pd.DataFrame) -> Comparison:
         raise NotMeasured("no text_score (no language-only eval split) or no mix_ratio")
     text = df[df["text_score"].notna()]
     a, b = _need(text[text["mix_ratio"] > 0], "mix_ratio > 0"), _need(text[text["mix_ratio"] == 0], "mix_ratio 0")
-    a, b, on = matched(a, b, {"mix_ratio"}, [[]])
+    a, b, on, keys = matched(a, b, {"mix_ratio"}, [[]])
     scored = a["score"].notna().sum() >= 2 and b["score"].notna().sum() >= 2
-    note = f"score: {effect_of(a, b, 'score')}" if scored else ""
-    return Comparison(a, b, "mix > 0 - mix 0 (text_score)", on, note)
+    note = f"score: {effect_of(a, b, 'score', keys)[0]}" if scored else ""
+    return Comparison(a, b, "mix > 0 - mix 0 (text_score)", on, keys, note)
 
 
 def _mma_vs_lora(df: pd.DataFrame) -> Comparison:
     mma, lora = _need(_method(df, "mma"), "mma"), paper_lora(df)  # at any rank: its twins decide which
-    a, b, on = matched(mma, lora, {"method", "lr"}, [["model_size"]])
+    a, b, on, keys = matched(mma, lora, {"method", "lr"}, [["model_size"]])
     if "trainable_params" not in df or a["trainable_params"].isna().all() or b["trainable_params"].isna().all():
         raise NotMeasured("no trainable_params logged")
     ratio = a["trainable_params"].mean() / b["trainable_params"].mean()
     ranks = "/".join(str(r) for r in sorted(b["lora_rank"].dropna().unique()))
-    return Comparison(a, b, f"mma - lora r{ranks} a=2r", on,
+    return Comparison(a, b, f"mma - lora r{ranks} a=2r", on, keys,
                       f"trainable params mma / lora = {ratio:.3g} (needs < 0.1)", fails=not ratio < 0.1)
 
 
@@ -240,13 +263,18 @@ DIRECTIONS = [
 
 # --- effects and verdicts ---
 
-def effect_of(a: pd.DataFrame, b: pd.DataFrame, metric: str) -> Interval:
-    """mean(A) - mean(B) of `metric` with its interval (tracking.intervals.difference: Welch's, or Newcombe's
-    over the questions, `<metric>_n`, where neither group has any spread)."""
+def effect_of(a: pd.DataFrame, b: pd.DataFrame, metric: str, on: list[str] | None = None) -> tuple[Interval, bool]:
+    """(mean(A) - mean(B) of `metric` with its interval, whether the trials were paired by seed): the paired t
+    interval where every trial has its twin at the same seed on `on` (`pairs`; None: never paired), else
+    Welch's (tracking.intervals.difference), or Newcombe's over the questions, `<metric>_n`, where neither the
+    pairs nor the groups have any spread."""
     n = f"{metric}_n"
     questions = (a[n].mean(), b[n].mean()) if n in a and n in b and a[n].notna().any() and b[n].notna().any() \
         else None
-    return difference(a[metric].dropna(), b[metric].dropna(), questions)
+    twins = pairs(a, b, on, metric) if on is not None else None
+    if twins is not None:
+        return paired_difference(*twins, questions), True
+    return difference(a[metric].dropna(), b[metric].dropna(), questions), False
 
 
 def verdict(direction: Direction, effect: Interval) -> str:
@@ -262,7 +290,8 @@ def verdict(direction: Direction, effect: Interval) -> str:
 
 def assess(trials: pd.DataFrame) -> pd.DataFrame:
     """One row per direction: `compared` (A - B), `n_a`, `n_b`, `effect` with `effect_ci_low` / `_high`
-    (score points; effect_of: Welch's 95% interval over the groups' trials), `claim` (the effect the paper's
+    (score points; effect_of: the paired t interval over twins at one seed, or Welch's over the groups'
+    trials), `claim` (the effect the paper's
     finding allows), `verdict`, `matched_on`, `note`, and `low` / `high` (the claim's bounds) and `paper`,
     `source` for the report. `trials` may be several experiments' (analysis.runs.load_studies)."""
     df = tables.finished(trials)
@@ -279,7 +308,9 @@ def assess(trials: pd.DataFrame) -> pd.DataFrame:
             if len(a) < 2 or len(b) < 2:
                 raise NotMeasured(f"{c.compared} matched on {c.matched_on}: {len(a)} and {len(b)} trials (needs 2 "
                                   "a side)")
-            effect = effect_of(c.a, c.b, d.metric)
+            effect, paired = effect_of(c.a, c.b, d.metric, c.on)
+            if paired:
+                row["matched_on"] += ", paired by seed"
             row.update(effect=effect.value, effect_ci_low=effect.low, effect_ci_high=effect.high,
                        verdict=DOES_NOT_HOLD if c.fails else verdict(d, effect))
         except NotMeasured as e:
@@ -325,8 +356,10 @@ def markdown(effects: pd.DataFrame, counts: pd.DataFrame, command: str, frontier
     lines = ["# Do the papers' directions hold here?\n", f"Made by `{command}`.\n", "## Trials\n",
              "Finished trials count; a configuration is every param but the seed.\n", tables.to_markdown(counts),
              "## Directions\n",
-             "Effect = mean of A - mean of B (`compared`), in score points (0-100), with Welch's 95% interval over "
-             "the individual trials (one trial = one seed of one configuration). `claim`: the effect the paper's "
+             "Effect = mean of A - mean of B (`compared`), in score points (0-100), with its 95% interval over "
+             "the individual trials (one trial = one seed of one configuration): the paired t interval where each "
+             "trial of A has its twin in B at the same seed (`matched_on` ends in \"paired by seed\"), else "
+             "Welch's. `claim`: the effect the paper's "
              "finding allows. Verdicts: **holds** (the whole interval within the claim), **not resolved** (the "
              "interval reaches both inside and outside the claim), **does not hold** (the whole interval outside), "
              "**not measured** "

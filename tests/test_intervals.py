@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from tracking.intervals import difference, mean_interval, wilson
+from tracking.intervals import difference, mean_interval, paired_difference, wilson
 
 Z = 1.959963984540054  # the normal quantile of 0.975
 
@@ -96,3 +96,21 @@ def test_a_difference_without_spread_gets_newcombes_interval_over_the_questions(
     assert (round(got.low, 2), round(got.high, 2)) == (5.24, 33.39)
     tie = difference([60.0] * 3, [60.0] * 3, questions=(300, 300))
     assert tie.low < -7 and tie.high > 7, "equal seeds do not make a certain tie"
+
+
+def test_a_paired_difference_is_students_t_over_the_pairs_differences():
+    a, b = [50.0, 53.0, 55.0], [48.0, 50.0, 54.0]  # differences 2, 3, 1: mean 2, standard deviation 1
+    from scipy.stats import t
+
+    half = t.ppf(0.975, 2) * 1.0 / math.sqrt(3)
+    got = paired_difference(a, b)
+    assert (got.value, got.low, got.high, got.n) == (pytest.approx(2.0), pytest.approx(2 - half),
+                                                    pytest.approx(2 + half), 3)
+    assert got.high - got.low < difference(a, b).high - difference(a, b).low  # the seed's shared noise left out
+    # every pair 10 apart: no spread to estimate the pairs' noise from, so the groups' interval (Welch's)
+    assert paired_difference([50.0, 51.0, 52.0], [40.0, 41.0, 42.0]) == difference([50.0, 51.0, 52.0],
+                                                                                   [40.0, 41.0, 42.0])
+    for bad, match in [(([1.0], [2.0]), "2 pairs"), (([1.0, 2.0], [2.0]), "as many"),
+                       (([1.0, math.nan], [2.0, 3.0]), "missing")]:
+        with pytest.raises(ValueError, match=match):
+            paired_difference(*bad)

@@ -1,5 +1,6 @@
-"""analysis.report on hand-made trials whose effects are known: each number is Welch's interval of the scores
-written here, each verdict the one the scores call for; and the CLI on a small store, refusals included."""
+"""analysis.report on hand-made trials whose effects are known: each number is the paired t interval of the
+scores written here where every trial has its twin at the same seed (else Welch's), each verdict the one the scores
+call for; and the CLI on a small store, refusals included."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from analysis import report
-from tracking.intervals import difference
+from tracking.intervals import difference, paired_difference
 
 # The paper's LoRA recipe at 1m (alpha = 2 x rank, the highest lora lr); every other group differs in one factor.
 BASE = dict(status="FINISHED", method="lora", model_size="1m", lora_rank=8, lora_alpha=16.0, lr=2e-4, image_size=32,
@@ -53,26 +54,27 @@ def by_number(effects: pd.DataFrame) -> dict[int, pd.Series]:
     return {int(r["direction"]): r for _, r in effects.iterrows()}
 
 
-def assert_effect(row, a, b):
-    expected = difference(a, b)
+def assert_effect(row, a, b, paired=False):
+    expected = paired_difference(a, b) if paired else difference(a, b)
     assert (row["effect"], row["effect_ci_low"], row["effect_ci_high"]) == pytest.approx(
         (expected.value, expected.low, expected.high))
     assert (row["n_a"], row["n_b"]) == (len(a), len(b))
 
 
-def test_each_direction_is_welchs_interval_of_the_matched_groups_with_its_verdict():
+def test_each_direction_is_the_paired_interval_of_the_matched_twins_with_its_verdict():
     d = by_number(report.assess(study()))
-    assert_effect(d[1], LORA, SMALL)  # NO_TWIN (1m, no 0.3m at its lr) is left out: matched on every other param
-    assert_effect(d[2], HIGH_RES, LORA)
-    assert_effect(d[3], LORA, FULL)
-    assert_effect(d[4], LOW_LR, LORA)
-    assert_effect(d[6], MIXED_TEXT, LORA_TEXT)
-    assert_effect(d[7], MMA, LORA)
+    assert_effect(d[1], LORA, SMALL, paired=True)  # NO_TWIN (1m, no 0.3m at its lr) is left out: matched on every
+    assert_effect(d[2], HIGH_RES, LORA, paired=True)  # other param; twins at one seed are paired
+    assert_effect(d[3], LORA, FULL, paired=True)
+    assert_effect(d[4], LOW_LR, LORA, paired=True)
+    assert_effect(d[6], MIXED_TEXT, LORA_TEXT, paired=True)
+    assert_effect(d[7], MMA, LORA, paired=True)
     assert {n: r["verdict"] for n, r in d.items()} == {
         1: "holds", 2: "not resolved", 3: "does not hold", 4: "holds", 5: "not measured", 6: "holds", 7: "holds"}
-    assert {n: r["matched_on"] for n, r in d.items() if n != 5} == {n: "every other param" for n in (1, 2, 3, 4, 6, 7)}
+    assert {n: r["matched_on"] for n, r in d.items() if n != 5} == {
+        n: "every other param, paired by seed" for n in (1, 2, 3, 4, 6, 7)}
     assert pd.isna(d[5]["effect"]) and d[5]["note"] == "qlora: 0 trials (needs 2)"
-    assert d[6]["note"] == f"score: {difference(MIXED, LORA)}"  # the multimodal score beside the text skill
+    assert d[6]["note"] == f"score: {paired_difference(MIXED, LORA)}"  # the multimodal score beside the text skill
     assert d[7]["note"] == "trainable params mma / lora = 0.05 (needs < 0.1)"
     assert d[3]["compared"] == "lora r8 a16 lr0.0002 - full" and d[1]["compared"] == "lora 1m - lora 0.3m"
     assert d[7]["compared"] == "mma - lora r8 a=2r"
@@ -83,7 +85,7 @@ def test_matching_falls_back_to_the_same_model_sizes():
     df = study()
     df.loc[df["method"] == "full", "image_size"] = 40
     row = by_number(report.assess(df))[3]
-    assert row["matched_on"] == "model_size"
+    assert row["matched_on"] == "model_size"  # three lora trials at each (size, seed): no twins, Welch's
     assert_effect(row, LORA + HIGH_RES + MIXED, FULL)  # the paper's LoRA at 1m, whatever its image size or mix
 
 
@@ -96,7 +98,7 @@ def test_qlora_within_one_point(qlora, verdict):
     lora = [50.9, 51.0, 51.1]
     df = pd.DataFrame(group(lora) + group(qlora, method="qlora")).assign(experiment="hand")
     d = by_number(report.assess(df))
-    assert_effect(d[5], qlora, lora)
+    assert_effect(d[5], qlora, lora, paired=True)
     assert d[5]["verdict"] == verdict
     # nothing else was run: every other direction says what is missing
     assert d[3]["note"] == "full: 0 trials (needs 2)" and d[1]["note"] == "lora trials at 1 model_size level (1m)"
@@ -117,22 +119,22 @@ def test_mma_meets_the_papers_lora_at_the_rank_it_has_a_twin_at():
     df = pd.DataFrame(group(LORA) + group([70, 71, 72], lora_rank=32, lora_alpha=64.0, image_size=48)
                       + group(MMA, method="mma", lr=1e-3, trainable_params=50.0, **NOT_LORA)).assign(experiment="hand")
     row = by_number(report.assess(df))[7]
-    assert row["compared"] == "mma - lora r8 a=2r" and row["matched_on"] == "every other param"
-    assert_effect(row, MMA, LORA)
+    assert row["compared"] == "mma - lora r8 a=2r" and row["matched_on"] == "every other param, paired by seed"
+    assert_effect(row, MMA, LORA, paired=True)
 
 
 def test_mma_with_a_fifth_of_the_parameters_does_not_hold_however_close_its_score():
     df = study()
     df.loc[df["method"] == "mma", "trainable_params"] = 200.0
     row = by_number(report.assess(df))[7]
-    assert_effect(row, MMA, LORA)  # the score alone would hold
+    assert_effect(row, MMA, LORA, paired=True)  # the score alone would hold
     assert row["verdict"] == "does not hold" and "= 0.2 (needs < 0.1)" in row["note"]
 
 
 def test_a_low_alpha_counts_like_a_low_lr_and_one_trial_is_not_enough():
     low_alpha = [44, 45, 46]
     d = by_number(report.assess(study(group(low_alpha, lora_alpha=2.0))))  # alpha = rank / 4
-    assert_effect(d[4], LOW_LR + low_alpha, LORA)
+    assert_effect(d[4], LOW_LR + low_alpha, LORA)  # two low configurations per seed: no twins, Welch's
     one_full = study()
     one_full = one_full.drop(one_full.index[(one_full["method"] == "full")][1:])
     assert by_number(report.assess(one_full))[3]["note"] == "full: 1 trial (needs 2)"
@@ -267,3 +269,20 @@ def test_an_estimate_against_the_claim_with_an_interval_that_reaches_it_is_not_r
     assert report.verdict(larger, Interval(-4.3, -7.9, -0.7, 12)) == report.DOES_NOT_HOLD
     assert report.verdict(larger, Interval(-1.0, -2.0, 0.0, 12)) == report.DOES_NOT_HOLD  # 0 itself is not "> 0"
     assert report.verdict(larger, Interval(2.6, 0.1, 5.6, 12)) == report.HOLDS
+
+
+def test_twins_at_one_seed_are_paired_and_a_trial_without_its_twin_falls_back_to_welch():
+    """The seed moves QLoRA and LoRA alike (a good and a bad seed): Welch's interval over the groups takes that
+    spread as noise and cannot tell them apart within a point; the pairs' differences (0.1, 0.3, 0.2) can.
+    Without seed 2's LoRA trial there are no whole pairs, and Welch's interval comes back."""
+    lora, qlora = [45.0, 55.0, 50.0], [45.1, 55.3, 50.2]
+    df = pd.DataFrame(group(lora) + group(qlora, method="qlora")).assign(experiment="hand")
+    row = by_number(report.assess(df))[5]
+    assert_effect(row, qlora, lora, paired=True)
+    assert row["matched_on"] == "every other param, paired by seed" and row["verdict"] == "holds"
+    assert paired_difference(qlora, lora).value == pytest.approx(0.2)
+    assert difference(qlora, lora).low < -1 and row["effect_ci_low"] > -1  # Welch's: not resolved
+    lone = df.drop(df.index[(df["method"] == "lora") & (df["seed"] == 2)])
+    row = by_number(report.assess(lone))[5]
+    assert_effect(row, qlora, lora[:2])
+    assert row["matched_on"] == "every other param" and row["verdict"] == "not resolved"
