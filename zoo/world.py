@@ -9,6 +9,15 @@ answer, so a model that reads only the text cannot beat chance (tests/test_world
 checks this against the best text-only predictor). Images are rendered at 64 px
 and downscaled by the vision tower's processor, so a finer tower sees more.
 
+Object size is the world's lever on resolution (the scaling paper's 224 vs 336 px, direction
+2 of docs/REPORT.md), and at 18-26 px of the 64 (OBJECT_PX) both towers see every shape whole:
+the 48-px tower only adds image tokens to train through. Smaller shapes were tried and are not
+used (LoRA r16 on the `1m` LLM at the default budget, one seed each, `score` at 32 / 48 px, towers
+pretrained as zoo.models.VISION_LR says): 18-26 px, 59.3 / 51.7; 11-17 px, 51.7 / 50.0; 8-13 px,
+51.0 / 49.7. Smaller shapes lowered both resolutions alike. Before the towers' recipe was fixed,
+the 32-px tower's pretraining stalled under some thread counts, and those runs (27-37 at 32 px)
+had looked like a resolution effect of +6 to +23 points.
+
 The world is written in the same dataset format a researcher brings (DESIGN.md,
 "Data"): train.json / eval.json in LLaVA format with images/, captions.json for
 stage 1 and text.json (ShareGPT, language-only) for data mixing. Each question record
@@ -45,7 +54,9 @@ OPPOSITES = {"left": "right", "right": "left", "top": "bottom", "bottom": "top",
 ANSWER_SPACE = {"color": len(COLORS), "shape": len(SHAPES), "count": 3, "where": len(CELLS)}
 
 RENDER_PX = 64
-FORMAT = 2  # of the written dataset (its cache directory's name); 2: records name their type as "category"
+FORMAT = 3  # of the written dataset (its cache directory's name); 2: records name their type as "category";
+#            3: shapes of OBJECT_PX (18-26 px before)
+OBJECT_PX = (11, 17)  # an object's size range in pixels of the RENDER_PX image (see the module's docstring)
 
 
 @dataclass(frozen=True)
@@ -63,7 +74,7 @@ def sample_scene(rng: random.Random) -> list[Obj]:
     colors = rng.sample(sorted(COLORS), n)
     shapes = rng.sample(SHAPES, n)
     cells = rng.sample(range(4), n)
-    return [Obj(c, s, cell, rng.randint(18, 26), rng.randint(-3, 3), rng.randint(-3, 3))
+    return [Obj(c, s, cell, rng.randint(*OBJECT_PX), rng.randint(-3, 3), rng.randint(-3, 3))
             for c, s, cell in zip(colors, shapes, cells)]
 
 
