@@ -58,3 +58,33 @@ def test_build_is_deterministic_and_reloads_identically(tmp_path):
     v3 = CLIPVisionModel.from_pretrained(tmp_path / "clip")
     for (name, p), q, r in zip(v1.state_dict().items(), v2.state_dict().values(), v3.state_dict().values()):
         assert torch.equal(p, q) and torch.equal(p, r), name
+
+
+def test_every_llm_size_is_pretrained_to_a_similar_loss(zoo_ready):
+    """The model-size axis compares LLMs pretrained alike (zoo.models.LLM_STEPS: the same steps on the same text):
+    on 256 held-out world conversations their losses lie within 7% of each other (zoo v2: 0.413, 0.435 and 0.432 for
+    0.3m, 1m and 3.6m), and each is far below a fresh model's, so no size starts visual tuning half-pretrained."""
+    tok = AutoTokenizer.from_pretrained(zoo.tokenizer_path())
+    texts = [tok.apply_chat_template(c, tokenize=False) for c in models._corpus(random.Random(123), 256)]
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
+    losses = {}
+    with torch.no_grad():
+        for size in zoo.LLM_SIZES:
+            model = LlamaForCausalLM.from_pretrained(zoo.llm_path(size))
+            losses[size] = model(**enc, labels=labels).loss.item()
+            assert losses[size] < 0.3 * LlamaForCausalLM(model.config)(**enc, labels=labels).loss.item()
+    assert max(losses.values()) / min(losses.values()) < 1.07, losses
+    assert len(set(models.LLM_STEPS.values())) == 1, models.LLM_STEPS
+
+
+def test_a_tower_that_never_leaves_a_guess_s_loss_is_refused(monkeypatch):
+    """A contrastive tower whose loss stays at ln(batch) learned nothing (zoo v1's 32-px tower did, silently): the
+    build raises instead of saving it. Here the learning rate is 0, so the loss cannot move."""
+    import pytest
+    from transformers import AutoTokenizer as Tok
+
+    monkeypatch.setattr(models, "VISION_LR", 0.0)
+    tok = Tok.from_pretrained(zoo.tokenizer_path())
+    with pytest.raises(RuntimeError, match=r"clip-32: the contrastive loss stayed at 4\.\d\d, a guess's ln\(64\)"):
+        models.pretrain_vision(32, tok, steps=100)
