@@ -181,18 +181,28 @@ def paper_lora(df: pd.DataFrame, largest_rank: bool = False) -> pd.DataFrame:
     return recipe[recipe["lora_rank"] == recipe["lora_rank"].max()] if largest_rank else recipe
 
 
+def per_type(a: pd.DataFrame, b: pd.DataFrame, on: list[str]) -> str:
+    """The effect on each question type's score (`score/<type>`, logged where records name a `category`), as
+    "per type: color +1.2 [-3.0, +5.4], ..." (effect_of's interval), for the types both groups scored at least twice;
+    "" where none: which kinds of question a factor helps, e.g. a finer tower on questions about small details."""
+    types = sorted(c for c in a.columns if c.startswith("score/") and c in b
+                   and a[c].notna().sum() >= 2 and b[c].notna().sum() >= 2)
+    effects = [f"{t.split('/', 1)[1]} {effect_of(a, b, t, on)[0]}" for t in types]
+    return "per type: " + ", ".join(effects) if effects else ""
+
+
 def _larger_llm(df: pd.DataFrame) -> Comparison:
     lora = _method(df, "lora")
     big, small = _extremes(lora, "model_size", "lora trials", key=tables.size_key)
     a, b, on, keys = matched(lora[lora["model_size"] == big], lora[lora["model_size"] == small], {"model_size"}, [[]])
-    return Comparison(a, b, f"lora {big} - lora {small}", on, keys)
+    return Comparison(a, b, f"lora {big} - lora {small}", on, keys, per_type(a, b, keys))
 
 
 def _resolution(df: pd.DataFrame) -> Comparison:
     high, low = _extremes(df, "image_size", "trials")
     a, b, on, keys = matched(df[df["image_size"] == high], df[df["image_size"] == low], {"image_size", "vision_tower"},
-                       [[]])
-    return Comparison(a, b, f"{high:g} px - {low:g} px", on, keys)
+                             [[]])
+    return Comparison(a, b, f"{high:g} px - {low:g} px", on, keys, per_type(a, b, keys))
 
 
 def _lora_vs_full(df: pd.DataFrame) -> Comparison:

@@ -286,3 +286,17 @@ def test_twins_at_one_seed_are_paired_and_a_trial_without_its_twin_falls_back_to
     row = by_number(report.assess(lone))[5]
     assert_effect(row, qlora, lora[:2])
     assert row["matched_on"] == "every other param" and row["verdict"] == "not resolved"
+
+
+def test_size_and_resolution_say_which_question_types_they_move():
+    """Directions 1 and 2 note the effect per question type (score/<type>), paired like the score: here the finer
+    tower gains 10 points on colour questions (every seed) and nothing on counts."""
+    rows = []
+    for seed in range(3):
+        for size, gain in ((32, 0.0), (48, 10.0)):
+            rows.append({**BASE, "seed": seed, "image_size": size, "score": 50.0 + gain / 2 + seed,
+                         "score/color": 40.0 + gain + seed, "score/count": 90.0 - seed})
+    row = by_number(report.assess(pd.DataFrame(rows).assign(experiment="hand")))[2]
+    color = paired_difference([50.0, 51.0, 52.0], [40.0, 41.0, 42.0])  # pairs without spread: Welch's
+    assert row["note"] == f"per type: color {color}, count {paired_difference([90.0, 89.0, 88.0], [90.0, 89.0, 88.0])}"
+    assert color.low > 0 and row["verdict"] == "holds" and row["matched_on"] == "every other param, paired by seed"
