@@ -1,11 +1,13 @@
 """Do the papers' seven directions hold in our studies? Each effect with its 95% interval and a verdict.
 
     python -m analysis.report --experiment paper_table4 --experiment paper_table3 [--tracking-uri URI]
-        [--out report] [--force]
+        [--out report] [--force] [--notes NOTES.md]
 
-Prints the table and writes OUT/REPORT.md (default OUT: report/ in the working directory) with the command that made it, the
-trials and seeds per experiment, the table, and its plots beside it: report-directions.png (each
-direction's effect, its interval and its threshold) and report-frontier-<experiment>.png. Files in
+Prints the table and writes OUT/REPORT.md (default OUT: report/ in the working directory) with the
+command that made it, the trials and seeds per experiment, the table, the --notes file's text (its
+"Notes" section: what the studies tried, why a direction does not hold), and its plots beside it:
+report-directions.png (each direction's effect, its interval and its threshold) and
+report-frontier-<experiment>.png. Files in
 OUT that this command did not write (or that changed since it did) are never replaced unless
 `--force` (analysis.frontier.check_out's rule). Exit 0 on success, 2 on bad input (one `error:`
 line naming the experiment, store or file), 1 otherwise.
@@ -362,7 +364,8 @@ def shown_command(argv: list[str]) -> str:
     return "python -m analysis.report " + shlex.join(re.sub(r"//[^/@]*@", "//***@", a) for a in argv)
 
 
-def markdown(effects: pd.DataFrame, counts: pd.DataFrame, command: str, frontiers: dict[str, str]) -> str:
+def markdown(effects: pd.DataFrame, counts: pd.DataFrame, command: str, frontiers: dict[str, str],
+             notes: str = "") -> str:
     lines = ["# Do the papers' directions hold here?\n", f"Made by `{command}`.\n", "## Trials\n",
              "Finished trials count; a configuration is every param but the seed.\n", tables.to_markdown(counts),
              "## Directions\n",
@@ -381,6 +384,8 @@ def markdown(effects: pd.DataFrame, counts: pd.DataFrame, command: str, frontier
     if frontiers:
         lines.append("## Frontiers\n")
         lines += [f"![{name}: score vs GPU-hours]({png})\n" for name, png in frontiers.items()]
+    if notes.strip():
+        lines += ["## Notes\n", notes.strip() + "\n"]
     lines.append("## Sources\n")
     lines += ["- Lu et al. 2023, \"An Empirical Study of Scaling Instruct-Tuned Large Multimodal Models\" "
               "(directions 1-6).",
@@ -394,9 +399,10 @@ def outputs(experiments: list[str]) -> tuple[str, ...]:
 
 
 def write_report(trials: pd.DataFrame, experiments: list[str], out_dir: str | Path, command: str,
-                 force: bool = False) -> pd.DataFrame:
+                 force: bool = False, notes: str = "") -> pd.DataFrame:
     """REPORT.md and its plots in out_dir (check_out's rule: nothing this module did not write is
-    replaced unless `force`); returns `assess`'s table. Raises AnalysisError when no trial finished."""
+    replaced unless `force`), with `notes` (markdown: what the studies tried, why a direction does not
+    hold) as its "Notes" section; returns `assess`'s table. Raises AnalysisError when no trial finished."""
     out = check_out(out_dir, force, outputs(experiments), WRITTEN, "analysis.report")
     if tables.finished(trials).empty:
         raise AnalysisError(f"no finished trials with a score in {', '.join(map(repr, experiments))}")
@@ -412,7 +418,7 @@ def write_report(trials: pd.DataFrame, experiments: list[str], out_dir: str | Pa
         png = frontier_pngs(experiments)[name]
         plots.frontier_plot(front, title=name).savefig(out / png, dpi=150)
         frontiers[name] = png
-    (out / REPORT).write_text(markdown(effects, trial_counts(trials, experiments), command, frontiers))
+    (out / REPORT).write_text(markdown(effects, trial_counts(trials, experiments), command, frontiers, notes))
     record_written(out, (REPORT, FOREST, *frontiers.values()), WRITTEN)
     return effects
 
@@ -426,7 +432,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    "working directory; this project's docs/REPORT.md was written with --out docs --force)")
     p.add_argument("--force", action="store_true", help="replace REPORT.md and its plots even if this command "
                    "did not write them")
+    p.add_argument("--notes", help="a markdown file whose text becomes the report's Notes section (what the "
+                   "studies tried, why a direction does not hold)")
     return p.parse_args(argv)
+
+
+def read_notes(path: str | None) -> str:
+    """The --notes file's text ("" for none); BadInput naming the file when it cannot be read as UTF-8 text."""
+    if path is None:
+        return ""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BadInput(f"--notes {path}: no such file") from None
+    except IsADirectoryError:
+        raise BadInput(f"--notes {path}: is a directory, not a markdown file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise BadInput(f"--notes {path}: cannot be read as UTF-8 text ({type(e).__name__})") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -434,9 +456,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
         args.experiment = list(dict.fromkeys(args.experiment))  # each once
+        notes = read_notes(args.notes)
         check_out(args.out, args.force, outputs(args.experiment), WRITTEN, "analysis.report")  # before reading
         trials = load_studies(args.tracking_uri, args.experiment)
-        effects = write_report(trials, args.experiment, args.out, shown_command(argv), args.force)
+        effects = write_report(trials, args.experiment, args.out, shown_command(argv), args.force, notes)
     except (BadInput, AnalysisError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

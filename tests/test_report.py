@@ -188,12 +188,20 @@ def test_cli_writes_the_report_from_both_experiments(store, tmp_path, capsys):
     for png in ("report-directions.png", "report-frontier-table4.png", "report-frontier-table3.png"):
         assert (tmp_path / png).stat().st_size > 10_000
     assert report.main(argv) == 0  # what it wrote itself it replaces
+    notes = tmp_path.parent / f"{tmp_path.name}-notes.md"
+    notes.write_text("Direction 2 was tried at three shape sizes.\n")
+    assert report.main(argv + ["--notes", str(notes)]) == 0
+    text = (tmp_path / "REPORT.md").read_text()
+    assert "## Notes\n\nDirection 2 was tried at three shape sizes.\n" in text and f"--notes {notes}`" in text
+    assert text.index("## Notes") < text.index("## Sources")
 
 
 @pytest.mark.parametrize("argv, culprit", [
     (["--experiment", "nope"], "'nope'"),
     (["--experiment", "empty"], "no finished trials with a score in 'empty'"),
     (["--experiment", "table3", "--bogus"], "--bogus"),
+    (["--experiment", "table3", "--notes", "no-such-notes.md"], "--notes no-such-notes.md: no such file"),
+    (["--experiment", "table3", "--notes", "tests"], "--notes tests: is a directory"),
     ([], "--experiment"),
 ])
 def test_cli_bad_input_is_one_error_line(store, tmp_path, capsys, argv, culprit):
