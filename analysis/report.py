@@ -119,7 +119,8 @@ def matched(a: pd.DataFrame, b: pd.DataFrame, free: set[str], fallbacks: list[li
         ma, mb = _twins(a, b, on)
         if len(ma) >= 2 and len(mb) >= 2:
             break
-    return ma, mb, said, on
+    # twins at one seed are the same configuration but the factor: only a match on every other param pairs
+    return ma, mb, said, (on if said == "every other param" else None)
 
 
 def pairs(a: pd.DataFrame, b: pd.DataFrame, on: list[str], metric: str) -> tuple[list, list] | None:

@@ -47,7 +47,9 @@ def test_a_diverging_trial_fails_alone_and_its_run_says_why(tmp_path):
     assert 'worker.py", line' in text and "raise FloatingPointError" in text
     assert f"failed: trial {failed.data.tags['mmscale.trial_id']} (run {failed.info.run_id}): FloatingPointError" \
         in r.stdout
-    assert by_status["FINISHED"].data.metrics["score"] >= 0
+    done = by_status["FINISHED"].data.metrics  # the sound trial is scored as usual: over its 8 smoke questions
+    assert done["score_n"] == 8 and done["score_ci_low"] <= done["score"] <= done["score_ci_high"]
+    assert done["score"] * 8 / 100 == pytest.approx(round(done["score"] * 8 / 100))  # a whole number right
 
     # the study is done: the same command again, and --resume, are refused with one line each
     again = study(tmp_path, space, "--num-samples", "2")

@@ -10,13 +10,13 @@ checks this against the best text-only predictor). Images are rendered at 64 px
 and downscaled by the vision tower's processor, so a finer tower sees more.
 
 Object size is the world's lever on resolution (the scaling paper's 224 vs 336 px, direction
-2 of docs/REPORT.md), and at 18-26 px of the 64 (OBJECT_PX) both towers see every shape whole:
-the 48-px tower only adds image tokens to train through. Smaller shapes were tried and are not
-used (LoRA r16 on the `1m` LLM at the default budget, one seed each, `score` at 32 / 48 px, towers
-pretrained as zoo.models.VISION_LR says): 18-26 px, 59.3 / 51.7; 11-17 px, 51.7 / 50.0; 8-13 px,
-51.0 / 49.7. Smaller shapes lowered both resolutions alike. Before the towers' recipe was fixed,
-the 32-px tower's pretraining stalled under some thread counts, and those runs (27-37 at 32 px)
-had looked like a resolution effect of +6 to +23 points.
+2 of docs/REPORT.md). Shapes are 11-17 px of the 64 (OBJECT_PX; 18-26 px in world format 2, where
+both towers saw every shape whole): 5-8 px for the 32-px tower, 8-13 px for the 48-px one. One
+seed each, LoRA r16 on `1m` at the default budget, `score` at 32 / 48 px with towers pretrained as
+zoo.models.VISION_LR says: 18-26 px, 59.3 / 51.7; 11-17 px, 51.7 / 50.0; 8-13 px, 51.0 / 49.7.
+Smaller shapes did not make the finer tower win (docs/REPORT.md's direction 2 over 3 seeds).
+Before the towers' recipe was fixed, the 32-px tower's pretraining stalled under some thread
+counts, and those runs (27-37 at 32 px) had looked like a resolution effect of +6 to +23 points.
 
 The world is written in the same dataset format a researcher brings (DESIGN.md,
 "Data"): train.json / eval.json in LLaVA format with images/, captions.json for
