@@ -55,6 +55,7 @@ from analysis.frontier import BadInput, OneLineParser, check_out, default_out, r
 from analysis.pareto import frontier
 from analysis.runs import AnalysisError, formatted, load_studies
 from tracking.intervals import Interval, difference, paired_difference
+from tracking.metrics import category_metric
 
 HOLDS, NOT_RESOLVED, DOES_NOT_HOLD, NOT_MEASURED = "holds", "not resolved", "does not hold", "not measured"
 REPORT, FOREST = "REPORT.md", "report-directions.png"
@@ -133,12 +134,14 @@ def pairs(a: pd.DataFrame, b: pd.DataFrame, on: list[str], metric: str) -> tuple
     keys = [*on, "seed"]
     if "seed" not in a or "seed" not in b or len(a) != len(b) or len(a) < 2:
         return None
-    ka, kb = a[keys].astype(str).agg("|".join, axis=1), b[keys].astype(str).agg("|".join, axis=1)
-    if ka.duplicated().any() or kb.duplicated().any() or set(ka) != set(kb):
+    try:
+        twins = a[keys + [metric]].merge(b[keys + [metric]], on=keys, how="outer", suffixes=("_a", "_b"),
+                                         validate="one_to_one")
+    except pd.errors.MergeError:  # a (configuration, seed) twice on one side: no one twin
         return None
-    order = {k: i for i, k in enumerate(kb)}
-    twin = b[metric].to_numpy()[[order[k] for k in ka]]
-    return list(a[metric].to_numpy()), list(twin)
+    if twins[[f"{metric}_a", f"{metric}_b"]].isna().any(axis=None):  # a trial without its twin
+        return None
+    return list(twins[f"{metric}_a"]), list(twins[f"{metric}_b"])
 
 
 def _twins(a: pd.DataFrame, b: pd.DataFrame, on: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -281,7 +284,8 @@ def effect_of(a: pd.DataFrame, b: pd.DataFrame, metric: str, on: list[str] | Non
     interval where every trial has its twin at the same seed on `on` (`pairs`; None: never paired), else
     Welch's (tracking.intervals.difference), or Newcombe's over the questions, `<metric>_n`, where neither the
     pairs nor the groups have any spread."""
-    n = f"{metric}_n"
+    base, _, category = metric.partition("/")  # a question type's count is `score_n/<type>`, not `score/<type>_n`
+    n = category_metric(f"{base}_n", category) if category else f"{base}_n"
     questions = (a[n].mean(), b[n].mean()) if n in a and n in b and a[n].notna().any() and b[n].notna().any() \
         else None
     twins = pairs(a, b, on, metric) if on is not None else None

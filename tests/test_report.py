@@ -308,3 +308,16 @@ def test_size_and_resolution_say_which_question_types_they_move():
     color = paired_difference([50.0, 51.0, 52.0], [40.0, 41.0, 42.0])  # pairs without spread: Welch's
     assert row["note"] == f"per type: color {color}, count {paired_difference([90.0, 89.0, 88.0], [90.0, 89.0, 88.0])}"
     assert color.low > 0 and row["verdict"] == "holds" and row["matched_on"] == "every other param, paired by seed"
+
+
+def test_a_question_type_every_seed_scored_alike_gets_its_questions_noise():
+    """A per-type effect reads its question count from `score_n/<type>` (what evaluation logs): where every seed
+    scores the same on that type, the interval is Newcombe's over those questions, never a zero-width point."""
+    rows = []
+    for seed in range(3):
+        for size, color in ((32, 40.0), (48, 50.0)):
+            rows.append({**BASE, "seed": seed, "image_size": size, "score": 50.0 + seed + size / 48,
+                         "score/color": color, "score_n/color": 20.0})
+    note = by_number(report.assess(pd.DataFrame(rows).assign(experiment="hand")))[2]["note"]
+    expected = difference([50.0] * 3, [40.0] * 3, (20.0, 20.0))
+    assert note == f"per type: color {expected}" and expected.low < 10 < expected.high

@@ -201,9 +201,9 @@ def pretrain_vision(image_size: int, tokenizer, steps: int, seed: int = SEED, ba
         if bar is not None:
             bar.update(1)
             bar.set_postfix(part=f"clip-{image_size}", loss=f"{out.loss.item():.3f}")
-    tail = losses[-25:]
-    if steps >= 100 and sum(tail) / len(tail) > 0.9 * math.log(batch):
-        raise RuntimeError(f"clip-{image_size}: the contrastive loss stayed at {sum(tail) / len(tail):.2f}, a guess's "
+    final = sum(losses[-25:]) / len(losses[-25:])
+    if steps >= 100 and final > 0.9 * math.log(batch):
+        raise RuntimeError(f"clip-{image_size}: the contrastive loss stayed at {final:.2f}, a guess's "
                            f"ln({batch}) = {math.log(batch):.2f}: the tower learned nothing (see VISION_LR)")
     tower = CLIPVisionModel(clip.config.vision_config)
     tower.load_state_dict(clip.vision_model.state_dict())
