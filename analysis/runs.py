@@ -106,6 +106,9 @@ def _require_local_store(uri: str) -> None:
     for scheme, path in local.items():
         if uri.startswith(scheme) and not Path(unquote(path)).exists():
             raise AnalysisError(f"no MLflow store at {unquote(path)} (tracking URI {uri})")
+    if uri.startswith("file://"):  # MLflow 3 keeps its file store in maintenance mode and raises on opening one
+        raise AnalysisError(f"{unquote(uri[len('file://'):])} is a folder (MLflow's file store), which this MLflow "
+                            f"does not read: pass an SQLite store, e.g. sqlite:///PATH/mlflow.db (tracking URI {uri})")
     if uri.startswith("sqlite:///"):  # MLflow would write its schema into an empty file, or retry a folder
         path = Path(unquote(uri[len("sqlite:///"):]))
         if not path.is_file():

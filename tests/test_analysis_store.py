@@ -184,6 +184,12 @@ def test_what_is_not_an_mlflow_store_is_named_and_left_as_it_was(tmp_path):
     with pytest.raises(AnalysisError, match="without MLflow's tables"):
         load_trials(f"sqlite:///{other}", STUDY)
     assert other.read_bytes() == before
+    # a bare path is the SQLite file it names (the default, ./mlflow.db, is written as one); a folder is refused
+    with pytest.raises(AnalysisError, match="without MLflow's tables"):
+        load_trials(str(other), STUDY)
+    with pytest.raises(AnalysisError, match=r"is a folder \(MLflow's file store\), which this MLflow does not read"):
+        load_trials(str(tmp_path), STUDY)
+    assert other.read_bytes() == before and not (tmp_path / "mlruns").exists()
     # a web server that is not MLflow's answers 404 on MLflow's REST API
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
     threading.Thread(target=server.serve_forever, daemon=True).start()

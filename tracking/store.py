@@ -59,8 +59,11 @@ def resolve_uri(uri: str | None) -> str:
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
-    if "://" not in uri:  # a bare directory: MLflow's file store
-        return Path(uri).resolve().as_uri()
+    if "://" not in uri:  # a bare path: a file (or a name ending .db) is the SQLite store the default names
+        path = Path(uri)
+        if path.is_file() or path.suffix == ".db":
+            return "sqlite:///" + str(path.resolve())
+        return path.resolve().as_uri()  # a bare directory: MLflow's file store
     return uri
 
 
