@@ -19,11 +19,13 @@ Sources, stated as their authors found them (qualitatively; the numbers are thei
   Models" (LaVIN, mixture-of-modality adaptation, MMA): direction 7.
 
 An effect is mean(A) - mean(B) in score points (0-100) over two groups of finished trials, one
-trial being one seed of one configuration, with a 95% interval: the paired t interval where every
-trial of A has its twin in B at the same seed (the same configuration but the factor compared;
-twins share the seed's data order, initial adapter weights and dropout: tracking.intervals.
-paired_difference; `matched_on` then ends in "paired by seed"), else Welch's t interval over the
-two groups (tracking.intervals.difference). The groups are matched where the data allows: first on every
+trial being one seed of one configuration, with a 95% interval: where every trial of A has its twin
+in B at the same seed (the same configuration but the factor compared; twins share the seed's data
+order, initial adapter weights and dropout), the paired t interval over the seeds, each seed's
+difference being the mean over its configurations (configurations at one seed share its data order,
+so the seed, not the trial, is the independent unit: tracking.intervals.paired_difference;
+`matched_on` then ends in "paired by seed"), else Welch's t interval over the two groups' trials
+(tracking.intervals.difference). The groups are matched where the data allows: first on every
 other param both groups have (so a configuration counts only if its twin was run at the other
 level), then on fewer (e.g. the same model sizes), and compared unmatched only where a direction
 allows it; the table's `matched_on` says which. "The paper's LoRA" is the recipe the scaling paper
@@ -40,6 +42,7 @@ pooled, so a direction may come from any of them.
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import shlex
 import sys
@@ -125,23 +128,27 @@ def matched(a: pd.DataFrame, b: pd.DataFrame, free: set[str], fallbacks: list[li
 
 
 def pairs(a: pd.DataFrame, b: pd.DataFrame, on: list[str], metric: str) -> tuple[list, list] | None:
-    """The trials of A and B as twins at the same seed, (A's values, B's values) in pair order, when every trial
-    with a `metric` has exactly one twin on `on` + seed in the other group (at least 2 pairs); else None.
+    """Per seed, (A's mean of `metric`, B's mean) over their configurations, in seed order, when every
+    (configuration on `on`, seed) cell with a `metric` in either group has its twin cell in the other, at 2 seeds
+    or more; else None.
 
     Twins at one seed share the data order, the initial adapter weights and the dropout masks (common random
-    numbers), so their difference leaves the seed's noise out (tracking.intervals.paired_difference)."""
+    numbers), so their difference leaves the seed's noise out (tracking.intervals.paired_difference). Several
+    configurations at one seed share its data order too, so their differences are not independent: they are
+    averaged per seed and the interval is over seeds (seeds - 1 degrees of freedom; the seed is the cluster). A
+    configuration run twice at one seed (say by two experiments) is one cell, its mean."""
     a, b = a[a[metric].notna()], b[b[metric].notna()]
     keys = [*on, "seed"]
-    if "seed" not in a or "seed" not in b or len(a) != len(b) or len(a) < 2:
+    if "seed" not in a or "seed" not in b or a.empty or b.empty:
         return None
-    try:
-        twins = a[keys + [metric]].merge(b[keys + [metric]], on=keys, how="outer", suffixes=("_a", "_b"),
-                                         validate="one_to_one")
-    except pd.errors.MergeError:  # a (configuration, seed) twice on one side: no one twin
+    cells = [g.groupby(keys, dropna=False, as_index=False)[metric].mean() for g in (a, b)]
+    twins = cells[0].merge(cells[1], on=keys, how="outer", suffixes=("_a", "_b"))  # pandas matches NaN keys
+    if twins[[f"{metric}_a", f"{metric}_b"]].isna().any(axis=None):  # a cell without its twin
         return None
-    if twins[[f"{metric}_a", f"{metric}_b"]].isna().any(axis=None):  # a trial without its twin
+    per_seed = twins.groupby("seed")[[f"{metric}_a", f"{metric}_b"]].mean()
+    if len(per_seed) < 2:
         return None
-    return list(twins[f"{metric}_a"]), list(twins[f"{metric}_b"])
+    return list(per_seed[f"{metric}_a"]), list(per_seed[f"{metric}_b"])
 
 
 def _twins(a: pd.DataFrame, b: pd.DataFrame, on: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -281,16 +288,18 @@ DIRECTIONS = [
 
 def effect_of(a: pd.DataFrame, b: pd.DataFrame, metric: str, on: list[str] | None = None) -> tuple[Interval, bool]:
     """(mean(A) - mean(B) of `metric` with its interval, whether the trials were paired by seed): the paired t
-    interval where every trial has its twin at the same seed on `on` (`pairs`; None: never paired), else
-    Welch's (tracking.intervals.difference), or Newcombe's over the questions, `<metric>_n`, where neither the
+    interval over the seeds' mean differences where every trial has its twin at the same seed on `on` (`pairs`;
+    None: never paired) and the seeds differ in it, else Welch's (tracking.intervals.difference), or Newcombe's over the questions, `<metric>_n`, where neither the
     pairs nor the groups have any spread."""
     base, _, category = metric.partition("/")  # a question type's count is `score_n/<type>`, not `score/<type>_n`
     n = category_metric(f"{base}_n", category) if category else f"{base}_n"
     questions = (a[n].mean(), b[n].mean()) if n in a and n in b and a[n].notna().any() and b[n].notna().any() \
         else None
     twins = pairs(a, b, on, metric) if on is not None else None
-    if twins is not None:
+    if twins is not None and not math.isclose(max(x - y for x, y in zip(*twins)), min(x - y for x, y in zip(*twins)),
+                                              abs_tol=1e-9):
         return paired_difference(*twins, questions), True
+    # no twins, or every seed's difference alike (no spread to estimate the pairs' noise from): the groups' trials
     return difference(a[metric].dropna(), b[metric].dropna(), questions), False
 
 
@@ -375,9 +384,10 @@ def markdown(effects: pd.DataFrame, counts: pd.DataFrame, command: str, frontier
              "Finished trials count; a configuration is every param but the seed.\n", tables.to_markdown(counts),
              "## Directions\n",
              "Effect = mean of A - mean of B (`compared`), in score points (0-100), with its 95% interval over "
-             "the individual trials (one trial = one seed of one configuration): the paired t interval where each "
-             "trial of A has its twin in B at the same seed (`matched_on` ends in \"paired by seed\"), else "
-             "Welch's. `claim`: the effect the paper's "
+             "the trials (one trial = one seed of one configuration): where each trial of A has its twin in B at the "
+             "same seed (`matched_on` ends in \"paired by seed\"), the paired t interval over the seeds, a seed's "
+             "difference being the mean over its configurations (they share its data order, so the seed is the "
+             "independent unit); else Welch's over the trials. `claim`: the effect the paper's "
              "finding allows. Verdicts: **holds** (the whole interval within the claim), **not resolved** (the "
              "interval reaches both inside and outside the claim), **does not hold** (the whole interval outside), "
              "**not measured** "
