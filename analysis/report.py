@@ -18,13 +18,15 @@ Sources, stated as their authors found them (qualitatively; the numbers are thei
 - Luo et al. 2023, "Cheap and Quick: Efficient Vision-Language Instruction Tuning for Large Language
   Models" (LaVIN, mixture-of-modality adaptation, MMA): direction 7.
 
-An effect is mean(A) - mean(B) in score points (0-100) over two groups of finished trials, one
-trial being one seed of one configuration, with a 95% interval: where every trial of A has its twin
-in B at the same seed (the same configuration but the factor compared; twins share the seed's data
-order, initial adapter weights and dropout), the paired t interval over the seeds, each seed's
-difference being the mean over its configurations (configurations at one seed share its data order,
-so the seed, not the trial, is the independent unit: tracking.intervals.paired_difference;
-`matched_on` then ends in "paired by seed"), else Welch's t interval over the two groups' trials
+An effect is A's score over B's in points (0-100), two groups of finished trials, one trial being
+one seed of one configuration, with a 95% interval; the seed, not the trial, is the independent unit,
+since every configuration at one seed shares its data order. Where 2 seeds or more have twins (a
+trial of A and one of B at the same seed, the same configuration but the factor compared; twins also
+share the seed's initial adapter weights and dropout): the mean over seeds of each seed's mean twin
+difference, with the paired t interval over seeds (tracking.intervals.paired_difference; `matched_on`
+then ends in "paired by seed (k seeds)"); trials without a twin are left out. Otherwise mean(A) -
+mean(B) with Welch's t interval over the seeds' means ("over seeds' means" where a seed has several
+configurations), or over the trials where a group has one seed
 (tracking.intervals.difference). The groups are matched where the data allows: first on every
 other param both groups have (so a configuration counts only if its twin was run at the other
 level), then on fewer (e.g. the same model sizes), and compared unmatched only where a direction
@@ -127,28 +129,46 @@ def matched(a: pd.DataFrame, b: pd.DataFrame, free: set[str], fallbacks: list[li
     return ma, mb, said, (on if said == "every other param" else None)
 
 
+def _seeded(group: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """The trials with a `metric` and a seed, the seed as a number (MLflow may give it as text)."""
+    if "seed" not in group:
+        return group.iloc[0:0]
+    group = group.assign(seed=pd.to_numeric(group["seed"], errors="coerce"))
+    return group[group[metric].notna() & group["seed"].notna()]
+
+
 def pairs(a: pd.DataFrame, b: pd.DataFrame, on: list[str], metric: str) -> tuple[list, list] | None:
-    """Per seed, (A's mean of `metric`, B's mean) over their configurations, in seed order, when every
-    (configuration on `on`, seed) cell with a `metric` in either group has its twin cell in the other, at 2 seeds
-    or more; else None.
+    """Per seed, (A's mean of `metric`, B's mean) over the (configuration on `on`, seed) cells that have their twin
+    cell in the other group, in seed order, where 2 seeds or more have twins; else None. Cells without a twin (a
+    failed trial's partner) are left out, as `matched` leaves out configurations without one.
 
     Twins at one seed share the data order, the initial adapter weights and the dropout masks (common random
     numbers), so their difference leaves the seed's noise out (tracking.intervals.paired_difference). Several
     configurations at one seed share its data order too, so their differences are not independent: they are
-    averaged per seed and the interval is over seeds (seeds - 1 degrees of freedom; the seed is the cluster). A
-    configuration run twice at one seed (say by two experiments) is one cell, its mean."""
-    a, b = a[a[metric].notna()], b[b[metric].notna()]
+    averaged per seed (each seed weighs the same) and the interval is over seeds (seeds - 1 degrees of freedom;
+    the seed is the cluster). A configuration run twice at one seed (say by two experiments) is one cell, its
+    mean. Trials without a seed are never paired."""
+    seeded = _seeded(a, metric), _seeded(b, metric)
+    if any(s.empty or len(s) < g[metric].notna().sum() for s, g in zip(seeded, (a, b))):
+        return None
+    a, b = seeded
     keys = [*on, "seed"]
-    if "seed" not in a or "seed" not in b or a.empty or b.empty:
-        return None
     cells = [g.groupby(keys, dropna=False, as_index=False)[metric].mean() for g in (a, b)]
-    twins = cells[0].merge(cells[1], on=keys, how="outer", suffixes=("_a", "_b"))  # pandas matches NaN keys
-    if twins[[f"{metric}_a", f"{metric}_b"]].isna().any(axis=None):  # a cell without its twin
-        return None
+    twins = cells[0].merge(cells[1], on=keys, how="inner", suffixes=("_a", "_b"))  # pandas matches NaN keys
     per_seed = twins.groupby("seed")[[f"{metric}_a", f"{metric}_b"]].mean()
     if len(per_seed) < 2:
         return None
     return list(per_seed[f"{metric}_a"]), list(per_seed[f"{metric}_b"])
+
+
+def seed_means(group: pd.DataFrame, metric: str) -> pd.Series | None:
+    """`metric`'s mean per seed over the group's configurations, or None where the group has fewer than 2 seeds
+    or a trial without one (the seed is the independent unit, as in `pairs`)."""
+    seeded = _seeded(group, metric)
+    if len(seeded) < group[metric].notna().sum():  # a trial without a seed
+        return None
+    means = seeded.groupby("seed")[metric].mean()
+    return means if len(means) >= 2 else None
 
 
 def _twins(a: pd.DataFrame, b: pd.DataFrame, on: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -286,21 +306,29 @@ DIRECTIONS = [
 
 # --- effects and verdicts ---
 
-def effect_of(a: pd.DataFrame, b: pd.DataFrame, metric: str, on: list[str] | None = None) -> tuple[Interval, bool]:
-    """(mean(A) - mean(B) of `metric` with its interval, whether the trials were paired by seed): the paired t
-    interval over the seeds' mean differences where every trial has its twin at the same seed on `on` (`pairs`;
-    None: never paired) and the seeds differ in it, else Welch's (tracking.intervals.difference), or Newcombe's over the questions, `<metric>_n`, where neither the
-    pairs nor the groups have any spread."""
+def effect_of(a: pd.DataFrame, b: pd.DataFrame, metric: str, on: list[str] | None = None) -> tuple[Interval, str]:
+    """(the effect of A over B on `metric` with its 95% interval, how it was computed: "" or a note for
+    `matched_on`). Where 2 seeds or more have twins on `on` (`pairs`; None: never paired): the mean over seeds
+    of each seed's mean twin difference, with the paired t interval over seeds ("paired by seed (k seeds)");
+    where every seed's difference is the same (no spread to pair on), Welch's over the seeds' means. Otherwise,
+    where each group has 2 seeds or more: mean(A) - mean(B) with Welch's interval over the seeds' means
+    (configurations at one seed share its data order; "over seeds' means" where a seed has several), else
+    Welch's over the trials. Newcombe's over the questions, `<metric>_n`, where nothing has any spread
+    (tracking.intervals.difference)."""
     base, _, category = metric.partition("/")  # a question type's count is `score_n/<type>`, not `score/<type>_n`
     n = category_metric(f"{base}_n", category) if category else f"{base}_n"
     questions = (a[n].mean(), b[n].mean()) if n in a and n in b and a[n].notna().any() and b[n].notna().any() \
         else None
     twins = pairs(a, b, on, metric) if on is not None else None
-    if twins is not None and not math.isclose(max(x - y for x, y in zip(*twins)), min(x - y for x, y in zip(*twins)),
-                                              abs_tol=1e-9):
-        return paired_difference(*twins, questions), True
-    # no twins, or every seed's difference alike (no spread to estimate the pairs' noise from): the groups' trials
-    return difference(a[metric].dropna(), b[metric].dropna(), questions), False
+    if twins is not None:
+        diffs = [x - y for x, y in zip(*twins)]
+        spread = not math.isclose(max(diffs), min(diffs), abs_tol=1e-9)
+        return paired_difference(*twins, questions), f"paired by seed ({len(diffs)} seeds)" if spread else ""
+    means = seed_means(a, metric), seed_means(b, metric)
+    if means[0] is not None and means[1] is not None:
+        several = any(len(m) < g[metric].notna().sum() for m, g in zip(means, (a, b)))
+        return difference(*means, questions), "over seeds' means" if several else ""
+    return difference(a[metric].dropna(), b[metric].dropna(), questions), ""
 
 
 def verdict(direction: Direction, effect: Interval) -> str:
@@ -316,9 +344,8 @@ def verdict(direction: Direction, effect: Interval) -> str:
 
 def assess(trials: pd.DataFrame) -> pd.DataFrame:
     """One row per direction: `compared` (A - B), `n_a`, `n_b`, `effect` with `effect_ci_low` / `_high`
-    (score points; effect_of: the paired t interval over twins at one seed, or Welch's over the groups'
-    trials), `claim` (the effect the paper's
-    finding allows), `verdict`, `matched_on`, `note`, and `low` / `high` (the claim's bounds) and `paper`,
+    (score points; effect_of: the paired t interval over seeds of twins, or Welch's over the groups' seeds'
+    means or trials), `claim` (the effect the paper's finding allows), `verdict`, `matched_on`, `note`, and `low` / `high` (the claim's bounds) and `paper`,
     `source` for the report. `trials` may be several experiments' (analysis.runs.load_studies)."""
     df = tables.finished(trials)
     rows = []
@@ -334,9 +361,9 @@ def assess(trials: pd.DataFrame) -> pd.DataFrame:
             if len(a) < 2 or len(b) < 2:
                 raise NotMeasured(f"{c.compared} matched on {c.matched_on}: {len(a)} and {len(b)} trials (needs 2 "
                                   "a side)")
-            effect, paired = effect_of(c.a, c.b, d.metric, c.on)
-            if paired:
-                row["matched_on"] += ", paired by seed"
+            effect, how = effect_of(c.a, c.b, d.metric, c.on)
+            if how:
+                row["matched_on"] += f", {how}"
             row.update(effect=effect.value, effect_ci_low=effect.low, effect_ci_high=effect.high,
                        verdict=DOES_NOT_HOLD if c.fails else verdict(d, effect))
         except NotMeasured as e:
@@ -383,11 +410,14 @@ def markdown(effects: pd.DataFrame, counts: pd.DataFrame, command: str, frontier
     lines = ["# Do the papers' directions hold here?\n", f"Made by `{command}`.\n", "## Trials\n",
              "Finished trials count; a configuration is every param but the seed.\n", tables.to_markdown(counts),
              "## Directions\n",
-             "Effect = mean of A - mean of B (`compared`), in score points (0-100), with its 95% interval over "
-             "the trials (one trial = one seed of one configuration): where each trial of A has its twin in B at the "
-             "same seed (`matched_on` ends in \"paired by seed\"), the paired t interval over the seeds, a seed's "
-             "difference being the mean over its configurations (they share its data order, so the seed is the "
-             "independent unit); else Welch's over the trials. `claim`: the effect the paper's "
+             "Effect = A's score over B's (`compared`), in score points (0-100), with its 95% interval. One trial "
+             "is one seed of one configuration, and the seed, not the trial, is the independent unit: every "
+             "configuration at a seed shares its data order. Where trials of A have their twin in B at the same "
+             "seed (`matched_on` ends in \"paired by seed (k seeds)\"): the mean over seeds of each seed's mean "
+             "twin difference with the paired t interval over the k seeds (trials without a twin left out); else "
+             "mean of A - mean of B with Welch's interval over the seeds' means (\"over seeds' means\" where a "
+             "seed has several configurations) or over the trials where a group has one seed. `n_a`, `n_b`: the "
+             "groups' trials. `claim`: the effect the paper's "
              "finding allows. Verdicts: **holds** (the whole interval within the claim), **not resolved** (the "
              "interval reaches both inside and outside the claim), **does not hold** (the whole interval outside), "
              "**not measured** "

@@ -72,7 +72,7 @@ def test_each_direction_is_the_paired_interval_of_the_matched_twins_with_its_ver
     assert {n: r["verdict"] for n, r in d.items()} == {
         1: "holds", 2: "not resolved", 3: "does not hold", 4: "holds", 5: "not measured", 6: "holds", 7: "holds"}
     assert {n: r["matched_on"] for n, r in d.items() if n != 5} == {  # "paired by seed" only where it was
-        **{n: "every other param" for n in (1, 3, 4, 6, 7)}, 2: "every other param, paired by seed"}
+        **{n: "every other param" for n in (1, 3, 4, 6, 7)}, 2: "every other param, paired by seed (3 seeds)"}
     assert pd.isna(d[5]["effect"]) and d[5]["note"] == "qlora: 0 trials (needs 2)"
     assert d[6]["note"] == f"score: {paired_difference(MIXED, LORA)}"  # the multimodal score beside the text skill
     assert d[7]["note"] == "trainable params mma / lora = 0.05 (needs < 0.1)"
@@ -85,8 +85,15 @@ def test_matching_falls_back_to_the_same_model_sizes():
     df = study()
     df.loc[df["method"] == "full", "image_size"] = 40
     row = by_number(report.assess(df))[3]
-    assert row["matched_on"] == "model_size"  # three lora trials at each (size, seed): no twins, Welch's
-    assert_effect(row, LORA + HIGH_RES + MIXED, FULL)  # the paper's LoRA at 1m, whatever its image size or mix
+    # three lora trials at each (size, seed): no twins, Welch's over the seeds' means (they share the seed's data)
+    assert row["matched_on"] == "model_size, over seeds' means"
+    lora_by_seed = [(x + y + z) / 3 for x, y, z in zip(LORA, HIGH_RES, MIXED)]  # the paper's LoRA at 1m, any size
+    expected = difference(lora_by_seed, FULL)
+    assert (row["effect"], row["effect_ci_low"], row["effect_ci_high"]) == pytest.approx(
+        (expected.value, expected.low, expected.high))
+    assert (row["n_a"], row["n_b"]) == (9, 3)
+    per_trial = difference(LORA + HIGH_RES + MIXED, FULL)  # what counting each trial as independent would give
+    assert per_trial.high - per_trial.low < expected.high - expected.low
 
 
 @pytest.mark.parametrize("qlora, verdict", [
@@ -120,7 +127,7 @@ def test_mma_meets_the_papers_lora_at_the_rank_it_has_a_twin_at():
     df = pd.DataFrame(group(LORA) + group([70, 71, 72], lora_rank=32, lora_alpha=64.0, image_size=48)
                       + group(mma, method="mma", lr=1e-3, trainable_params=50.0, **NOT_LORA)).assign(experiment="hand")
     row = by_number(report.assess(df))[7]
-    assert row["compared"] == "mma - lora r8 a=2r" and row["matched_on"] == "every other param, paired by seed"
+    assert row["compared"] == "mma - lora r8 a=2r" and row["matched_on"] == "every other param, paired by seed (3 seeds)"
     assert_effect(row, mma, LORA, paired=True)
 
 
@@ -135,7 +142,12 @@ def test_mma_with_a_fifth_of_the_parameters_does_not_hold_however_close_its_scor
 def test_a_low_alpha_counts_like_a_low_lr_and_one_trial_is_not_enough():
     low_alpha = [44, 45, 46]
     d = by_number(report.assess(study(group(low_alpha, lora_alpha=2.0))))  # alpha = rank / 4
-    assert_effect(d[4], LOW_LR + low_alpha, LORA)  # two low configurations per seed: no twins, Welch's
+    # both low configurations twin LoRA at each seed (lr and alpha are the factor): one cell per seed, their mean;
+    # every seed's difference is -5.5, so Welch's over the seeds' means
+    expected = difference([(x + y) / 2 for x, y in zip(LOW_LR, low_alpha)], LORA)
+    assert (d[4]["effect"], d[4]["effect_ci_low"], d[4]["effect_ci_high"]) == pytest.approx(
+        (expected.value, expected.low, expected.high))
+    assert expected.value == pytest.approx(-5.5) and d[4]["verdict"] == "holds"
     one_full = study()
     one_full = one_full.drop(one_full.index[(one_full["method"] == "full")][1:])
     assert by_number(report.assess(one_full))[3]["note"] == "full: 1 trial (needs 2)"
@@ -280,21 +292,40 @@ def test_an_estimate_against_the_claim_with_an_interval_that_reaches_it_is_not_r
     assert report.verdict(larger, Interval(2.6, 0.1, 5.6, 12)) == report.HOLDS
 
 
-def test_twins_at_one_seed_are_paired_and_a_trial_without_its_twin_falls_back_to_welch():
+def test_twins_at_one_seed_are_paired_and_a_trial_without_its_twin_is_left_out():
     """The seed moves QLoRA and LoRA alike (a good and a bad seed): Welch's interval over the groups takes that
     spread as noise and cannot tell them apart within a point; the pairs' differences (0.1, 0.3, 0.2) can.
-    Without seed 2's LoRA trial there are no whole pairs, and Welch's interval comes back."""
+    Without seed 2's LoRA trial, seed 2's QLoRA trial has no twin and is left out: paired over seeds 0 and 1
+    (1 degree of freedom), never Welch's over the trials as if the seeds' spread were noise. With one seed
+    left, nothing pairs: Welch's over the trials."""
     lora, qlora = [45.0, 55.0, 50.0], [45.1, 55.3, 50.2]
     df = pd.DataFrame(group(lora) + group(qlora, method="qlora")).assign(experiment="hand")
     row = by_number(report.assess(df))[5]
     assert_effect(row, qlora, lora, paired=True)
-    assert row["matched_on"] == "every other param, paired by seed" and row["verdict"] == "holds"
+    assert row["matched_on"] == "every other param, paired by seed (3 seeds)" and row["verdict"] == "holds"
     assert paired_difference(qlora, lora).value == pytest.approx(0.2)
     assert difference(qlora, lora).low < -1 and row["effect_ci_low"] > -1  # Welch's: not resolved
     lone = df.drop(df.index[(df["method"] == "lora") & (df["seed"] == 2)])
     row = by_number(report.assess(lone))[5]
-    assert_effect(row, qlora, lora[:2])
-    assert row["matched_on"] == "every other param" and row["verdict"] == "not resolved"
+    two = paired_difference(qlora[:2], lora[:2])
+    assert (row["effect"], row["effect_ci_low"], row["effect_ci_high"]) == pytest.approx((two.value, two.low, two.high))
+    assert (row["n_a"], row["n_b"]) == (3, 2) and row["verdict"] == "not resolved"
+    assert row["matched_on"] == "every other param, paired by seed (2 seeds)"
+    one_seed = pd.DataFrame(group([45.0, 45.2]) + group([45.1, 45.4], method="qlora")).assign(seed=0, experiment="h")
+    row = by_number(report.assess(one_seed))[5]
+    assert_effect(row, [45.1, 45.4], [45.0, 45.2])
+    assert row["matched_on"] == "every other param"
+
+
+def test_a_trial_without_a_seed_is_never_paired_and_a_seed_given_as_text_pairs():
+    lora, qlora = [45.0, 55.0, 50.0], [45.1, 55.3, 50.2]
+    df = pd.DataFrame(group(lora) + group(qlora, method="qlora")).assign(experiment="hand")
+    texts = df.assign(seed=df["seed"].astype(str).where(df["method"] == "lora", df["seed"]))
+    assert by_number(report.assess(texts))[5]["matched_on"] == "every other param, paired by seed (3 seeds)"
+    unseeded = df.assign(seed=df["seed"].where(df.index != 0))  # lora's seed-0 trial lost its seed
+    row = by_number(report.assess(unseeded))[5]
+    assert_effect(row, qlora, lora)  # Welch's over the trials: no seed to pair or average it by
+    assert row["matched_on"] == "every other param"
 
 
 def test_size_and_resolution_say_which_question_types_they_move():
@@ -311,7 +342,7 @@ def test_size_and_resolution_say_which_question_types_they_move():
     assert (color.value, count.value) == pytest.approx((10.0, 0.0))
     assert row["note"] == f"per type: color {color}, count {count}"
     assert color.low > 0 and count.low < 0 < count.high
-    assert row["verdict"] == "holds" and row["matched_on"] == "every other param, paired by seed"
+    assert row["verdict"] == "holds" and row["matched_on"] == "every other param, paired by seed (3 seeds)"
 
 
 def test_configurations_sharing_a_seed_are_averaged_per_seed_and_a_configuration_run_twice_is_one_cell():
@@ -331,7 +362,7 @@ def test_configurations_sharing_a_seed_are_averaged_per_seed_and_a_configuration
     expected = paired_difference(per_seed_q, per_seed_l)
     assert (row["effect"], row["effect_ci_low"], row["effect_ci_high"]) == pytest.approx(
         (expected.value, expected.low, expected.high))
-    assert row["matched_on"] == "every other param, paired by seed" and (row["n_a"], row["n_b"]) == (6, 7)
+    assert row["matched_on"] == "every other param, paired by seed (3 seeds)" and (row["n_a"], row["n_b"]) == (6, 7)
     six = paired_difference([50.5, 51.0, 52.0, 40.3, 41.2, 42.4], [51.0, 52.0, 51.0, 40.0, 42.0, 41.0])
     assert row["effect_ci_high"] - row["effect_ci_low"] > six.high - six.low  # the seeds, not the trials, count
 
