@@ -5,7 +5,8 @@
 Lu et al. 2023 find LoRA sensitive to both: alpha = 2 x rank with a high learning rate
 works; a 10x lower rate, or alpha well below the rank, is clearly worse. Here: LoRA
 rank 64 on the zoo's `1m` LLM, lr 3e-3 or 3e-4 x alpha = 2 x rank or rank / 4, each
-configuration at 3 seeds (12 trials). Direction 4 of docs/REPORT.md comes from this study.
+configuration at 3 seeds (12 trials). docs/REPORT.md pools the three paper studies' trials: direction 4
+comes from this one (its lr 3e-3, alpha = 2 x rank twins also from paper_table4).
 """
 from study.space import alpha_per_rank, choice
 

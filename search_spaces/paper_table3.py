@@ -7,7 +7,8 @@ that mixing language-only instructions into visual instruction tuning keeps the 
 text skill (and helps a little). Here: LoRA at the paper's best setting (alpha = 2 x
 rank, a high learning rate), the zoo's two smaller LLMs, its tower at 32 and 48 px (224
 and 336 px in miniature), 0% or 20% language-only data, each configuration at 3 seeds
-(24 trials). Directions 1, 2 and 6 of docs/REPORT.md come from this study.
+(24 trials). docs/REPORT.md pools the three paper studies' trials: directions 2 and 6 come from this
+one, direction 1 from all three.
 """
 from study.space import choice
 

@@ -12,8 +12,9 @@ LoRA and QLoRA rank), one learning rate for every method (3e-3: the zoo's high r
 which full fine-tuning also trains best, see search_spaces/methods.py), 20% language-only
 data in stage 2 for every method (LaVIN's recipe), every configuration at 5 seeds so each
 difference comes with its interval (analysis.report; the interval is over seeds, and at 3 seeds, t = 4.30
-with 2 degrees of freedom, LoRA vs full and QLoRA vs LoRA were not resolved either way). Directions 1, 3, 5 and 7 of
-docs/REPORT.md come from this study. The paper's rank-8 row is left out to keep the study
+with 2 degrees of freedom, LoRA vs full and QLoRA vs LoRA were not resolved either way). docs/REPORT.md pools
+the three paper studies' trials: directions 3, 5 and 7 come from this one, direction 1 from all three. The
+paper's rank-8 row is left out to keep the study
 under half an hour on 2 cores (40 trials).
 """
 from study.space import alpha_per_rank, choice

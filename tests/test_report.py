@@ -75,7 +75,7 @@ def test_each_direction_is_the_paired_interval_of_the_matched_twins_with_its_ver
         **{n: "every other param" for n in (1, 3, 4, 6, 7)}, 2: "every other param, paired by seed (3 seeds)"}
     assert pd.isna(d[5]["effect"]) and d[5]["note"] == "qlora: 0 trials (needs 2)"
     assert d[6]["note"] == f"score: {paired_difference(MIXED, LORA)}"  # the multimodal score beside the text skill
-    assert d[7]["note"] == "trainable params mma / lora = 0.05 (needs < 0.1)"
+    assert d[7]["note"] == "trainable params mma / lora: 1m 0.05 (needs < 0.1 at each size)"
     assert d[3]["compared"] == "lora r8 a16 lr0.0002 - full" and d[1]["compared"] == "lora 1m - lora 0.3m"
     assert d[7]["compared"] == "mma - lora r8 a=2r"
 
@@ -131,12 +131,33 @@ def test_mma_meets_the_papers_lora_at_the_rank_it_has_a_twin_at():
     assert_effect(row, mma, LORA, paired=True)
 
 
+def test_mma_without_stage1_twins_the_lora_trials_and_needs_a_tenth_of_the_parameters_at_every_size():
+    """MMA logs stage1_steps 0 (LaVIN has no stage 1): it still twins LoRA on every other param, not only on model
+    size (which would pool LoRA runs of other ranks and mixes). Its parameter share holds at 1m (0.05) but not at
+    0.3m (0.2): the direction does not hold."""
+    lora_small, mma_small, mma_1m = [40, 42, 41], [41, 42, 41], [49, 52, 51]
+    df = pd.DataFrame(group(LORA, stage1_steps=150) + group(lora_small, model_size="0.3m", stage1_steps=150,
+                                                            trainable_params=500.0)
+                      + group([70, 71, 72], lora_rank=32, lora_alpha=64.0, mix_ratio=0.2, stage1_steps=150)
+                      + group(mma_1m, method="mma", lr=1e-3, trainable_params=50.0, stage1_steps=0, **NOT_LORA)
+                      + group(mma_small, method="mma", lr=1e-3, model_size="0.3m", trainable_params=100.0,
+                              stage1_steps=0, **NOT_LORA)).assign(experiment="hand")
+    row = by_number(report.assess(df))[7]
+    assert row["compared"] == "mma - lora r8 a=2r" and row["matched_on"] == "every other param, paired by seed (3 seeds)"
+    per_seed = paired_difference([(x + y) / 2 for x, y in zip(mma_1m, mma_small)],
+                                 [(x + y) / 2 for x, y in zip(LORA, lora_small)])
+    assert (row["effect"], row["effect_ci_low"], row["effect_ci_high"]) == pytest.approx(
+        (per_seed.value, per_seed.low, per_seed.high))
+    assert row["note"] == "trainable params mma / lora: 0.3m 0.2, 1m 0.05 (needs < 0.1 at each size)"
+    assert row["verdict"] == "does not hold"
+
+
 def test_mma_with_a_fifth_of_the_parameters_does_not_hold_however_close_its_score():
     df = study()
     df.loc[df["method"] == "mma", "trainable_params"] = 200.0
     row = by_number(report.assess(df))[7]
     assert_effect(row, MMA, LORA)  # the score alone would hold
-    assert row["verdict"] == "does not hold" and "= 0.2 (needs < 0.1)" in row["note"]
+    assert row["verdict"] == "does not hold" and "1m 0.2 (needs < 0.1 at each size)" in row["note"]
 
 
 def test_a_low_alpha_counts_like_a_low_lr_and_one_trial_is_not_enough():
@@ -315,6 +336,24 @@ def test_twins_at_one_seed_are_paired_and_a_trial_without_its_twin_is_left_out()
     row = by_number(report.assess(one_seed))[5]
     assert_effect(row, [45.1, 45.4], [45.0, 45.2])
     assert row["matched_on"] == "every other param"
+
+
+def test_seeds_are_compared_like_for_like_when_studies_ran_different_numbers_of_seeds():
+    """1m at seeds 0-4 and 0.3m at seeds 0-2 (a 5-seed study pooled with a 3-seed one): seeds 3 and 4 would be
+    the mean of one configuration and seeds 0-2 of two, so the balanced subset is kept, the larger of both sizes
+    at seeds 0-2 (6 cells) and 1m alone at all 5 (5 cells)."""
+    lora_1m, qlora_1m = [50.0, 52.0, 51.0, 53.0, 49.0], [50.5, 51.0, 52.0, 43.0, 39.0]
+    lora_s, qlora_s = [40.0, 42.0, 41.0], [40.3, 41.2, 42.4]
+    df = pd.DataFrame(group(lora_1m) + group(qlora_1m, method="qlora") + group(lora_s, model_size="0.3m")
+                      + group(qlora_s, method="qlora", model_size="0.3m")).assign(experiment="hand")
+    row = by_number(report.assess(df))[5]
+    expected = paired_difference([(x + y) / 2 for x, y in zip(qlora_1m, qlora_s)],
+                                 [(x + y) / 2 for x, y in zip(lora_1m, lora_s)])
+    assert (row["effect"], row["effect_ci_low"], row["effect_ci_high"]) == pytest.approx(
+        (expected.value, expected.low, expected.high))
+    assert row["matched_on"] == "every other param, paired by seed (3 seeds)" and (row["n_a"], row["n_b"]) == (8, 8)
+    only_1m = df[df["model_size"] == "1m"]
+    assert by_number(report.assess(only_1m))[5]["matched_on"] == "every other param, paired by seed (5 seeds)"
 
 
 def test_a_trial_without_a_seed_is_never_paired_and_a_seed_given_as_text_pairs():
