@@ -402,7 +402,8 @@ def assess(trials: pd.DataFrame) -> pd.DataFrame:
 # --- the report ---
 
 def trial_counts(trials: pd.DataFrame, experiments: list[str]) -> pd.DataFrame:
-    """Per experiment: runs, finished trials, configurations and seeds (distinct; and per configuration)."""
+    """Per experiment: runs, finished trials, configurations and seeds (distinct; and per configuration), and
+    `smoke` ("yes" where a study ran with `--smoke`; the column only where one did)."""
     rows = []
     for name in experiments:
         runs = trials[trials["experiment"] == name] if "experiment" in trials else trials.iloc[0:0]
@@ -411,8 +412,10 @@ def trial_counts(trials: pd.DataFrame, experiments: list[str]) -> pd.DataFrame:
         rows.append({"experiment": name, "runs": len(runs), "finished": len(done), "configurations": len(per),
                      "seeds": done["seed"].nunique() if "seed" in done else (1 if len(done) else 0),
                      "seeds_per_configuration": "-" if per.empty else
-                     f"{per.min():.0f}" + (f"-{per.max():.0f}" if per.max() > per.min() else "")})
-    return pd.DataFrame(rows)
+                     f"{per.min():.0f}" + (f"-{per.max():.0f}" if per.max() > per.min() else ""),
+                     "smoke": "yes" if "smoke" in runs and runs["smoke"].eq(True).any() else ""})
+    out = pd.DataFrame(rows)
+    return out if out["smoke"].astype(bool).any() else out.drop(columns="smoke")
 
 
 def frontier_pngs(experiments: list[str]) -> dict[str, str]:
@@ -428,10 +431,20 @@ def shown_command(argv: list[str]) -> str:
     return "python -m analysis.report " + shlex.join(re.sub(r"//[^/@]*@", "//***@", a) for a in argv)
 
 
+def smoke_warning(counts: pd.DataFrame) -> list[str]:
+    """A line for the report where an experiment's study ran with `--smoke` (its counts' `smoke` column)."""
+    if "smoke" not in counts:
+        return []
+    names = ", ".join(counts.loc[counts["smoke"] == "yes", "experiment"])
+    return [f"**Smoke checks: {names}** ran with `--smoke`, the smallest budget (a check that every step runs, "
+            "not a result): their verdicts say nothing about the papers.\n"]
+
+
 def markdown(effects: pd.DataFrame, counts: pd.DataFrame, command: str, frontiers: dict[str, str],
              notes: str = "") -> str:
     lines = ["# Do the papers' directions hold here?\n", f"Made by `{command}`.\n", "## Trials\n",
-             "Finished trials count; a configuration is every param but the seed.\n", tables.to_markdown(counts),
+             "Finished trials count; a configuration is every param but the seed.\n", *smoke_warning(counts),
+             tables.to_markdown(counts),
              "## Directions\n",
              "Effect = A's score over B's (`compared`), in score points (0-100), with its 95% interval. One trial "
              "is one seed of one configuration, and the seed, not the trial, is the independent unit: every "

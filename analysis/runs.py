@@ -7,7 +7,8 @@ One row per nested trial run (a run with an `mlflow.parentRunId` tag; the study'
 parent run is left out): `run_id`, `status` (FINISHED, FAILED, KILLED, RUNNING, ...),
 `parent_run_id`, `study`, `experiment`, `run_name` (the trial's name: what varies, e.g.
 "1m r8 a32 lr3.5e-3"), `stopped_early` (the stage-2 step at which an early-stopping
-scheduler stopped the trial; NaN for the others; only when some trial was stopped), the
+scheduler stopped the trial; NaN for the others; only when some trial was stopped), `smoke`
+(whether its study ran with `--smoke`: the smallest budget, a check and not a result), the
 flat params with their types restored from TrialConfig (`lora_rank` is an int, `lr` a
 float, `model_size` stays a string), and the final (last-step) value of every metric.
 Any tracking URI MLflow accepts works:
@@ -92,7 +93,18 @@ def load_trials(tracking_uri: str | None, experiment: str, parent_run_id: str | 
         row.update({k: parse_param(k, v) for k, v in run.data.params.items()})
         row.update(run.data.metrics)
         rows.append(row)
+    smoke = {p: _smoke(client, p) for p in {r["parent_run_id"] for r in rows}}
+    for row in rows:  # the study's `--smoke` (study.plan.Plan's params): the smallest budget, not a result
+        row["smoke"] = smoke[row["parent_run_id"]]
     return pd.DataFrame(rows, columns=None if rows else RUN_COLUMNS)
+
+
+def _smoke(client: MlflowClient, parent_run_id: str) -> bool:
+    """Whether the study run `parent_run_id` ran with `--smoke` (its `smoke` param); False where it is gone."""
+    try:
+        return client.get_run(parent_run_id).data.params.get("smoke") == "True"
+    except MlflowException:
+        return False
 
 
 def _require_local_store(uri: str) -> None:

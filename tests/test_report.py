@@ -180,13 +180,15 @@ PARAMS = ["method", "model_size", "lora_rank", "lora_alpha", "lr", "image_size",
 METRICS = ["score", "text_score", "trainable_params", "gpu_hours"]
 
 
-def write_store(root, experiments: dict[str, pd.DataFrame]) -> str:
-    """A sqlite store with one study run per experiment and its trials nested under it, as a study logs them."""
+def write_store(root, experiments: dict[str, pd.DataFrame], smoke: frozenset = frozenset()) -> str:
+    """A sqlite store with one study run per experiment and its trials nested under it, as a study logs them
+    (the study run's `smoke` param True for the experiments in `smoke`, as study.plan logs a `--smoke` study)."""
     uri = f"sqlite:///{root / 'mlflow.db'}"
     client = MlflowClient(uri)
     for name, trials in experiments.items():
         exp_id = client.create_experiment(name)
         parent = client.create_run(exp_id).info.run_id
+        client.log_param(parent, "smoke", name in smoke)
         for row in trials.to_dict("records"):
             run_id = client.create_run(exp_id, tags={MLFLOW_PARENT_RUN_ID: parent}).info.run_id
             for k in PARAMS:
@@ -218,7 +220,7 @@ def test_cli_writes_the_report_from_both_experiments(store, tmp_path, capsys):
     assert "| table4 | 9 | 9 | 3 | 3 | 3 |" in text and "| table3 | 15 | 15 | 5 | 3 | 3 |" in text
     expected = difference(LORA, FULL)  # the directions pool both experiments: LoRA in table3, full in table4
     assert f"| {expected.value:+.1f} | {expected.low:+.1f} | {expected.high:+.1f} | >= -2 | does not hold |" in text
-    assert "(report-directions.png)" in text and "(report-frontier-table4.png)" in text
+    assert "(report-directions.png)" in text and "(report-frontier-table4.png)" in text and "Smoke" not in text
     for png in ("report-directions.png", "report-frontier-table4.png", "report-frontier-table3.png"):
         assert (tmp_path / png).stat().st_size > 10_000
     assert report.main(argv) == 0  # what it wrote itself it replaces
@@ -228,6 +230,18 @@ def test_cli_writes_the_report_from_both_experiments(store, tmp_path, capsys):
     text = (tmp_path / "REPORT.md").read_text()
     assert "## Notes\n\nDirection 2 was tried at three shape sizes.\n" in text and f"--notes {notes}`" in text
     assert text.index("## Notes") < text.index("## Sources")
+
+
+def test_a_smoke_study_is_marked_as_a_check_not_a_result(tmp_path):
+    df = study()
+    table4 = df["method"].isin(["full", "mma"]) | (df["model_size"] == "0.3m")
+    uri = write_store(tmp_path, {"table4": df[table4], "table3_smoke": df[~table4]}, smoke=frozenset({"table3_smoke"}))
+    out = tmp_path / "report"
+    assert report.main(["--experiment", "table4", "--experiment", "table3_smoke", "--tracking-uri", uri,
+                        "--out", str(out)]) == 0
+    text = (out / "REPORT.md").read_text()
+    assert "**Smoke checks: table3_smoke** ran with `--smoke`" in text
+    assert "| table4 | 9 | 9 | 3 | 3 | 3 |  |" in text and "| table3_smoke | 15 | 15 | 5 | 3 | 3 | yes |" in text
 
 
 @pytest.mark.parametrize("argv, culprit", [
