@@ -129,12 +129,14 @@ def matched(a: pd.DataFrame, b: pd.DataFrame, free: set[str], fallbacks: list[li
     return ma, mb, said, (on if said == "every other param" else None)
 
 
-def _seeded(group: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """The trials with a `metric` and a seed, the seed as a number (MLflow may give it as text)."""
-    if "seed" not in group:
-        return group.iloc[0:0]
-    group = group.assign(seed=pd.to_numeric(group["seed"], errors="coerce"))
-    return group[group[metric].notna() & group["seed"].notna()]
+def _seeded(group: pd.DataFrame, metric: str) -> pd.DataFrame | None:
+    """The trials with a `metric`, the seed as a number (MLflow may give it as text); None where one has no seed
+    (or there is none): such a trial is never paired nor averaged by seed."""
+    group = group[group[metric].notna()]
+    seeds = pd.to_numeric(group["seed"], errors="coerce") if "seed" in group else None
+    if group.empty or seeds is None or seeds.isna().any():
+        return None
+    return group.assign(seed=seeds)
 
 
 def pairs(a: pd.DataFrame, b: pd.DataFrame, on: list[str], metric: str) -> tuple[list, list] | None:
@@ -149,10 +151,9 @@ def pairs(a: pd.DataFrame, b: pd.DataFrame, on: list[str], metric: str) -> tuple
     the seed is the cluster), over a balanced subset of the twin cells (`_balanced`: every seed with the same
     configurations). A configuration run twice at one seed (say by two experiments) is one cell, its mean.
     Trials without a seed are never paired."""
-    seeded = _seeded(a, metric), _seeded(b, metric)
-    if any(s.empty or len(s) < g[metric].notna().sum() for s, g in zip(seeded, (a, b))):
+    a, b = _seeded(a, metric), _seeded(b, metric)
+    if a is None or b is None:
         return None
-    a, b = seeded
     keys = [*on, "seed"]
     cells = [g.groupby(keys, dropna=False, as_index=False)[metric].mean() for g in (a, b)]
     twins = _balanced(cells[0].merge(cells[1], on=keys, how="inner", suffixes=("_a", "_b")), on)  # NaN keys match
@@ -179,7 +180,7 @@ def seed_means(group: pd.DataFrame, metric: str) -> pd.Series | None:
     """`metric`'s mean per seed over the group's configurations (a balanced subset: `_balanced`), or None where
     that leaves fewer than 2 seeds or a trial has none (the seed is the independent unit, as in `pairs`)."""
     seeded = _seeded(group, metric)
-    if len(seeded) < group[metric].notna().sum():  # a trial without a seed
+    if seeded is None:
         return None
     on = [c for c in tables.configuration_keys(seeded) if c not in ("experiment", "seed")]
     cells = seeded.groupby([*on, "seed"], dropna=False, as_index=False)[metric].mean()

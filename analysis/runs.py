@@ -77,13 +77,14 @@ def load_trials(tracking_uri: str | None, experiment: str, parent_run_id: str | 
     if exp is None:
         raise AnalysisError(f"no MLflow experiment named {experiment!r} at {uri}")
     query, matches = where({f"tags.`{MLFLOW_PARENT_RUN_ID}`": parent_run_id}) if parent_run_id else ("", None)
-    rows = []
+    rows, smoke = [], {}
     for run in all_runs(client, exp.experiment_id, query):
         if matches is not None and not matches(run):
             continue
         parent = run.data.tags.get(MLFLOW_PARENT_RUN_ID)
-        if parent is None:
-            continue  # the study's own run
+        if parent is None:  # the study's own run: only whether it ran with --smoke
+            smoke[run.info.run_id] = run.data.params.get("smoke") == "True"
+            continue
         row = {"run_id": run.info.run_id, "status": run.info.status, "parent_run_id": parent,
                "study": run.data.tags.get(STUDY_TAG, experiment), "experiment": experiment,
                "run_name": run.info.run_name}
@@ -93,7 +94,8 @@ def load_trials(tracking_uri: str | None, experiment: str, parent_run_id: str | 
         row.update({k: parse_param(k, v) for k, v in run.data.params.items()})
         row.update(run.data.metrics)
         rows.append(row)
-    smoke = {p: _smoke(client, p) for p in {r["parent_run_id"] for r in rows}}
+    for parent in {r["parent_run_id"] for r in rows} - smoke.keys():  # not in this query (a parent_run_id filter)
+        smoke[parent] = _smoke(client, parent)
     for row in rows:  # the study's `--smoke` (study.plan.Plan's params): the smallest budget, not a result
         row["smoke"] = smoke[row["parent_run_id"]]
     return pd.DataFrame(rows, columns=None if rows else RUN_COLUMNS)
